@@ -1,0 +1,59 @@
+"""The aggregation methods, by name: ``names()`` lists them, ``create(name, **options)`` builds one."""
+
+from __future__ import annotations
+
+import inspect
+
+from .base import Method
+from .fedex_lora import FedExLoRA
+from .fedit import FedIT
+from .fedmomentum import FedMomentum
+from .ffa_lora import FFALoRA
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .rolora import RoLoRA
+
+_REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FedIT, FFALoRA, RoLoRA, FLoRA, FedExLoRA, FlexLoRA, FedMomentum)
+}
+
+
+def names() -> list[str]:
+    """Every registered method name."""
+    return list(_REGISTRY)
+
+
+def options(name: str) -> list[str]:
+    """The keyword options ``create(name, ...)`` accepts."""
+    cls = get(name)
+    keys = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "common")]
+    return keys + ([p for p in inspect.signature(Method.__init__).parameters if p != "self"]
+                   if "common" in inspect.signature(cls.__init__).parameters else [])
+
+
+def get(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def create(name: str, **opts) -> Method:
+    """A new method object; an unknown option is an error naming the options it accepts."""
+    allowed = options(name)
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {name!r}; "
+                         f"it accepts {', '.join(allowed)}")
+    return get(name)(**opts)
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class (usable as a decorator) so ``create`` and the CLI know it."""
+    if not cls.name:
+        raise ValueError("a method class needs a name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+__all__ = ["Method", "names", "create", "get", "options", "register"]

@@ -1,0 +1,36 @@
+"""FedEx-LoRA: average the factors as FedIT does, and put the exact error ``s(ΣpBA − B'A')`` in the backbone.
+
+Clients of lower rank ``r_i ≤ r`` are zero-padded to the global rank before averaging (HetLoRA-style);
+the backbone term makes the result exact either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import compress
+from ..types import LoraPair, LowRank, UpdateError
+from .base import Method, mean, product_sum
+
+
+def _pad(pair: LoraPair, rank: int) -> LoraPair:
+    extra = rank - pair.rank
+    if extra == 0:
+        return pair
+    return LoraPair(torch.nn.functional.pad(pair.A, (0, 0, 0, extra)), torch.nn.functional.pad(pair.B, (0, extra)))
+
+
+class FedExLoRA(Method):
+    name = "fedex-lora"
+    mixed_ranks = True
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+        rank = global_pair.rank
+        if any(c.rank > rank for c in clients):
+            raise UpdateError(f"{self.name}, layer {name!r}: client ranks {[c.rank for c in clients]} "
+                              f"exceed the global rank {rank}")
+        padded = [_pad(c, rank) for c in clients]
+        new = LoraPair(mean([c.A for c in padded], weights), mean([c.B for c in padded], weights))
+        exact = product_sum(clients, weights, scaling)
+        delta = compress(exact + LowRank(-scaling * new.B, new.A))
+        return new, delta, {"rank": rank}

@@ -1,0 +1,20 @@
+"""FFA-LoRA: ``A`` stays frozen at its seeded init on every client; only ``B`` is trained and averaged.
+
+With a shared ``A``, ``Σ p_i B_i A = (Σ p_i B_i) A``: exact, at the price of half the adapter's freedom.
+"""
+
+from __future__ import annotations
+
+from ..types import LoraPair
+from .base import Method, mean
+
+
+class FFALoRA(Method):
+    name = "ffa-lora"
+
+    def trainable(self, round):
+        return {"A": False, "B": True}
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+        new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
+        return new, None, {"rank": new.rank}

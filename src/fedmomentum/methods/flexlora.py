@@ -1,0 +1,32 @@
+"""FlexLoRA: truncated SVD of the exact ``Σ p_i B_i A_i`` to the global rank; the tail is dropped.
+
+Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energy_dropped``).
+"""
+
+from __future__ import annotations
+
+from ..linalg import SVD_KINDS, svd_of_sum
+from .base import Method
+from .fedmomentum import SPLITS, adapter_from_svd
+
+
+class FlexLoRA(Method):
+    name = "flexlora"
+    exact = False
+    mixed_ranks = True
+
+    def __init__(self, split: str = "balanced", svd: str = "factored", **common):
+        super().__init__(**common)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if svd not in SVD_KINDS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
+        self.split, self.svd = split, svd
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+        rank, shape = global_pair.rank, global_pair.shape
+        U, S, Vh = svd_of_sum([c.B for c in clients], [c.A for c in clients], weights, self.svd, self.dtype)
+        new = adapter_from_svd(U, S, Vh, rank, self.split, lambda n: self.fresh_A(name, n, shape[1], round))
+        energy = float((S.double() ** 2).sum())
+        dropped = float((S[rank:].double() ** 2).sum()) / energy if energy > 0 else 0.0
+        return new, None, {"rank": rank, "energy": energy, "energy_dropped": dropped}

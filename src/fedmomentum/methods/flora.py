@@ -1,0 +1,24 @@
+"""FLoRA: fold the exact ``s·Σ p_i B_i A_i`` (stacked factors) into the backbone, then restart the adapter.
+
+Exact, but the adapter restarts every round (``B' = 0``, new random ``A'``): no momentum carries over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import compress
+from ..types import LoraPair
+from .base import Method, product_sum
+
+
+class FLoRA(Method):
+    name = "flora"
+    mixed_ranks = True
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+        delta = compress(product_sum(clients, weights, scaling))
+        rank, (out_features, in_features) = global_pair.rank, global_pair.shape
+        new = LoraPair(self.fresh_A(name, rank, in_features, round),
+                       torch.zeros(out_features, rank, dtype=self.dtype))
+        return new, delta, {"rank": rank}

@@ -1,0 +1,81 @@
+"""The values that flow between clients, aggregation methods and the model: plain tensors, no PEFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class UpdateError(ValueError):
+    """A client update that cannot be aggregated; the message names the client and the layer."""
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One layer's LoRA factors in PEFT shapes: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
+
+    A: Tensor
+    B: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)``: the shape of ``B @ A``."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta(self) -> Tensor:
+        """The dense ``B @ A`` (for tests and small layers only)."""
+        return self.B @ self.A
+
+    def to(self, *args, **kwargs) -> LoraPair:
+        return LoraPair(self.A.to(*args, **kwargs), self.B.to(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A ``d×k`` matrix kept as ``left @ right`` (``left: d×q``, ``right: q×k``), never formed densely."""
+
+    left: Tensor
+    right: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right
+
+    def to(self, *args, **kwargs) -> LowRank:
+        return LowRank(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
+
+    def __add__(self, other: LowRank) -> LowRank:
+        """The sum, as concatenated factors (rank adds up; see ``linalg.compress``)."""
+        return LowRank(torch.cat([self.left, other.left], 1), torch.cat([self.right, other.right], 0))
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns after local training."""
+
+    factors: dict[str, LoraPair]
+    num_examples: int
+    client_id: str = ""
+
+
+@dataclass
+class Aggregate:
+    """A method's result: the new global adapter, backbone deltas to add to ``W``, and per-round stats."""
+
+    lora: dict[str, LoraPair]
+    backbone: dict[str, LowRank] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
