@@ -1,0 +1,66 @@
+"""Checkpoints: one safetensors file holding the round, adapter, changed backbone weights and method state.
+
+Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
+No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .types import LoraPair
+
+
+@dataclass
+class Checkpoint:
+    round: int  # the last completed round (0-based)
+    lora: dict[str, LoraPair]
+    backbone: dict[str, torch.Tensor]  # the adapted layers' base weights
+    method_state: dict[str, torch.Tensor]
+    info: dict  # JSON-able: config, records needed to continue
+
+
+def save(path: str | Path, checkpoint: Checkpoint) -> None:
+    tensors = {}
+    for name, pair in checkpoint.lora.items():
+        tensors[f"lora.A.{name}"] = pair.A.contiguous()
+        tensors[f"lora.B.{name}"] = pair.B.contiguous()
+    tensors.update({f"backbone.{name}": w.contiguous() for name, w in checkpoint.backbone.items()})
+    tensors.update({f"method.{key}": t.contiguous() for key, t in checkpoint.method_state.items()})
+    metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1"}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a missing, truncated or foreign file is a ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        tensors = load_file(str(path))
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != "fedmomentum/1":
+            raise ValueError("not a fedmomentum checkpoint")
+        round_, info = int(metadata["round"]), json.loads(metadata["info"])
+    except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"corrupt or unreadable checkpoint {path}: {error}") from None
+    lora_names = {key[len("lora.A."):] for key in tensors if key.startswith("lora.A.")}
+    try:
+        lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in lora_names}
+    except KeyError as missing:
+        raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
+    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+    return Checkpoint(round_, lora, backbone, method_state, info)

@@ -1,0 +1,97 @@
+"""Local training of one client: start from the global adapter, train the factors the method allows.
+
+Used unchanged by the in-process simulation and by the Flower ClientApp, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from .data.formatting import collate
+from .peft_io import get_lora, set_lora, set_trainable
+from .types import ClientUpdate, LoraPair
+
+
+@dataclass
+class TrainConfig:
+    """What each client does in a round."""
+
+    local_steps: int = 4
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+
+
+def round_lr(base_lr: float, schedule: str, round: int, rounds: int, min_ratio: float = 0.1) -> float:
+    """The learning rate of a round: ``constant``, or ``cosine`` / ``linear`` decay to ``min_ratio·lr`` over rounds."""
+    if schedule == "constant" or rounds <= 1:
+        return base_lr
+    progress = round / (rounds - 1)
+    if schedule == "cosine":
+        factor = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        factor = 1 - (1 - min_ratio) * progress
+    else:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant, cosine or linear")
+    return base_lr * factor
+
+
+def batches(num_examples: int, cfg: TrainConfig, generator: torch.Generator):
+    """Index lists for ``local_steps × grad_accum`` micro-batches, walking seeded permutations (epochs)."""
+    order: list[int] = []
+    for _ in range(cfg.local_steps * cfg.grad_accum):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(num_examples, generator=generator).tolist()
+        yield order[: cfg.batch_size]
+        order = order[cfg.batch_size :]
+
+
+def train_client(
+    model: PeftModel,
+    data: list[dict],
+    global_lora: dict[str, LoraPair],
+    trainable: dict[str, bool],
+    cfg: TrainConfig,
+    *,
+    lr: float | None = None,
+    seed: int = 0,
+    client_id: str = "",
+    pad_id: int = 0,
+) -> tuple[ClientUpdate, float]:
+    """Train ``model``'s adapter on ``data`` (encoded examples) from ``global_lora``; return the update and mean loss.
+
+    The model's backbone is shared and never touched here; only the adapter factors change.
+    """
+    if not data:
+        raise ValueError(f"client {client_id!r} has no training examples")
+    set_lora(model, global_lora)
+    params = set_trainable(model, trainable)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay)
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses = []
+    for step, index in enumerate(batches(len(data), cfg, generator)):
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in index], pad_id).items()}
+        with autocast:
+            loss = model(**batch).loss
+        (loss / cfg.grad_accum).backward()
+        losses.append(loss.item())
+        if (step + 1) % cfg.grad_accum == 0:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    set_trainable(model, {"A": False, "B": False})
+    return ClientUpdate(get_lora(model), num_examples=len(data), client_id=client_id), sum(losses) / len(losses)

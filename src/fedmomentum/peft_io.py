@@ -1,0 +1,160 @@
+"""The bridge between a PEFT LoRA model and the method's tensors: read/write factors, add backbone deltas.
+
+Layer keys are module paths without PEFT's wrapper prefix, e.g. ``model.layers.0.self_attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import PreTrainedModel
+
+from .types import LoraPair, LowRank
+
+ADAPTER = "default"
+PREFIX = "base_model.model."
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    dropout: float = 0.0,
+    rslora: bool = False,
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA; the initial ``A`` is seeded, so every party builds the same adapter."""
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                        use_rslora=rslora, task_type="CAUSAL_LM")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """Every LoRA-wrapped module, keyed by its path in the base model."""
+    layers = {name.removeprefix(PREFIX): module for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+    if not layers:
+        raise ValueError("the model has no LoRA layers; check target_modules")
+    return layers
+
+
+def scaling(model: PeftModel) -> float:
+    """The LoRA scaling ``s`` (``alpha/r`` or ``alpha/√r``); one value for the whole model."""
+    values = {float(layer.scaling[ADAPTER]) for layer in lora_layers(model).values()}
+    if len(values) != 1:
+        raise ValueError(f"layers use different LoRA scalings {sorted(values)}; use one r and alpha")
+    return values.pop()
+
+
+def get_lora(model: PeftModel) -> dict[str, LoraPair]:
+    """The adapter's factors as float32 CPU copies."""
+    return {
+        name: LoraPair(layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                       layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
+        for name, layer in lora_layers(model).items()
+    }
+
+
+@torch.no_grad()
+def set_lora(model: PeftModel, lora: dict[str, LoraPair]) -> None:
+    """Copy factors into the model (its dtype and device); every layer must be given, with matching shapes."""
+    layers = lora_layers(model)
+    missing, extra = sorted(set(layers) - set(lora)), sorted(set(lora) - set(layers))
+    if missing or extra:
+        raise ValueError(f"adapter layers do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, layer in layers.items():
+        for factor, value in (("A", lora[name].A), ("B", lora[name].B)):
+            weight = getattr(layer, f"lora_{factor}")[ADAPTER].weight
+            if weight.shape != value.shape:
+                raise ValueError(f"layer {name!r}: {factor} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(weight.shape)}")
+            weight.copy_(value)
+
+
+def set_trainable(model: PeftModel, trainable: dict[str, bool]) -> list[torch.nn.Parameter]:
+    """Freeze or unfreeze ``A`` and ``B`` everywhere; returns the parameters left trainable."""
+    params = []
+    for layer in lora_layers(model).values():
+        for factor in ("A", "B"):
+            weight = getattr(layer, f"lora_{factor}")[ADAPTER].weight
+            weight.requires_grad_(trainable[factor])
+            if trainable[factor]:
+                params.append(weight)
+    return params
+
+
+@torch.no_grad()
+def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
+    """``W += left @ right`` for each layer, in place, accumulating in float32 whatever the model's dtype."""
+    layers = lora_layers(model)
+    unknown = sorted(set(deltas) - set(layers))
+    if unknown:
+        raise ValueError(f"backbone deltas for layers the model does not adapt: {unknown[:3]}")
+    for name, delta in deltas.items():
+        weight = layers[name].get_base_layer().weight
+        if weight.shape != delta.shape:
+            raise ValueError(f"layer {name!r}: backbone delta {delta.shape} does not fit weight {tuple(weight.shape)}")
+        left, right = delta.left.to(weight.device, torch.float32), delta.right.to(weight.device, torch.float32)
+        if weight.dtype == torch.float32:
+            weight.addmm_(left, right)
+        else:
+            weight.copy_(torch.addmm(weight.float(), left, right))
+
+
+def get_backbone(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapted layers' base weights (the only backbone weights any method changes)."""
+    return {name: layer.get_base_layer().weight.detach().cpu().clone() for name, layer in lora_layers(model).items()}
+
+
+@torch.no_grad()
+def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
+    layers = lora_layers(model)
+    if set(weights) != set(layers):
+        raise ValueError("backbone weights do not cover exactly the adapted layers")
+    for name, weight in weights.items():
+        layers[name].get_base_layer().weight.copy_(weight)
+
+
+def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None = None) -> None:
+    """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for the base at ``base``."""
+    config = model.peft_config[ADAPTER]
+    original, config.base_model_name_or_path = config.base_model_name_or_path, (
+        str(base) if base is not None else config.base_model_name_or_path)
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.base_model_name_or_path = original
+
+
+def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge: bool = True) -> None:
+    """Save the backbone as a plain HF model folder, with the adapter merged in (or, ``merge=False``, without).
+
+    ``merge=False`` gives the updated base that the exported PEFT adapter must be loaded on; ``model`` is
+    left untouched either way.
+    """
+    base = model.get_base_model()
+    state = {key.replace(".base_layer.", "."): value.detach().cpu().clone()
+             for key, value in base.state_dict().items() if "lora_" not in key}
+    if merge:
+        for name, layer in lora_layers(model).items():
+            weight = state[f"{name}.weight"]
+            state[f"{name}.weight"] = (weight.float() + _dense_lora(layer).cpu()).to(weight.dtype)
+    plain = type(base)(base.config)
+    plain.load_state_dict(state, strict=True)
+    plain.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def _dense_lora(layer: LoraLayer) -> torch.Tensor:
+    A = layer.lora_A[ADAPTER].weight.detach().float()
+    B = layer.lora_B[ADAPTER].weight.detach().float()
+    return layer.scaling[ADAPTER] * (B @ A)
