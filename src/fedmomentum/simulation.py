@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, methods, report
 from .client import round_lr, train_client
 from .config import RunConfig, save
-from .data import Example, encode, load_family, load_gsm8k_test, load_jsonl, partition
+from .data import Example, by_family, encode, load_gsm8k_test, load_jsonl, make_tasks, partition
 from .evaluate import family_accuracy, family_losses
 from .models import load_model
 from .peft_io import (
@@ -54,13 +54,11 @@ class Setup:
 
 def client_examples(config: RunConfig) -> tuple[list[list[Example]], dict[str, list[Example]]]:
     """The seeded training partition (one list per client) and the held-out examples per family."""
-    train = [e for family in config.families for e in load_family(family, config.train_per_family, config.seed)]
-    held_out = {family: load_family(family, config.eval_per_family, config.seed + 10_000)
-                for family in config.families}
+    train, held_out = make_tasks(config.families, config.train_per_family, config.eval_per_family, config.seed)
     for path in config.jsonl:
         train += load_jsonl(path)
     parts = partition(train, config.clients, config.partition, alpha=config.alpha, seed=config.seed)
-    return parts, held_out
+    return parts, by_family(held_out)
 
 
 def prepare(config: RunConfig, model=None, tokenizer=None) -> Setup:
@@ -125,7 +123,7 @@ def run_round(setup: Setup, global_lora: dict, round: int) -> tuple[Aggregate, d
     record = {
         "round": round + 1,
         "method": config.method,
-        "clients": [u.client_id for u in updates],
+        "client_ids": [u.client_id for u in updates],
         "lr": lr,
         "train_loss": sum(losses) / len(losses),
         **stats,
@@ -214,8 +212,8 @@ def run(config: RunConfig, *, resume: bool = False, setup: Setup | None = None, 
 
 
 def _comparable(config: RunConfig) -> dict:
-    """The config fields that must match to resume (where files go and what to export may change)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("out", "export_merged", "device")}
+    """The config fields that must match to resume (output, export, device and the number of rounds may change)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("out", "export_merged", "device", "rounds")}
 
 
 def peak_rss_mb() -> float:

@@ -1,0 +1,85 @@
+"""PEFT model <-> factors, backbone deltas in place, checked loads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fedmomentum as fm
+from fedmomentum.peft_io import add_lora, apply_backbone, get_backbone, get_lora, lora_layers, scaling, set_lora
+
+
+@pytest.fixture
+def peft_model(tiny_model):
+    return add_lora(copy.deepcopy(tiny_model[0]), r=4, alpha=8, seed=3)
+
+
+def random_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: fm.LoraPair(torch.randn(p.A.shape, generator=g), torch.randn(p.B.shape, generator=g))
+            for name, p in get_lora(model).items()}
+
+
+def test_keys_are_module_paths_and_scaling_is_alpha_over_r(peft_model, tiny_model):
+    names = list(get_lora(peft_model))
+    assert "model.layers.0.self_attn.q_proj" in names
+    assert len(names) == 4 * tiny_model[0].config.num_hidden_layers
+    assert scaling(peft_model) == 2.0
+    rs = add_lora(copy.deepcopy(tiny_model[0]), r=4, alpha=8, rslora=True)
+    assert scaling(rs) == pytest.approx(8 / 2)  # alpha / sqrt(r)
+
+
+def test_set_then_get_round_trips_and_changes_the_output(peft_model):
+    ids = torch.arange(10).unsqueeze(0)
+    before = peft_model(input_ids=ids).logits
+    lora = random_lora(peft_model)
+    set_lora(peft_model, lora)
+    back = get_lora(peft_model)
+    for name in lora:
+        assert torch.equal(back[name].A, lora[name].A) and torch.equal(back[name].B, lora[name].B)
+    assert not torch.allclose(peft_model(input_ids=ids).logits, before)
+
+
+def test_seeded_init_is_the_same_for_every_party(tiny_model):
+    a = get_lora(add_lora(copy.deepcopy(tiny_model[0]), r=4, seed=7))
+    b = get_lora(add_lora(copy.deepcopy(tiny_model[0]), r=4, seed=7))
+    c = get_lora(add_lora(copy.deepcopy(tiny_model[0]), r=4, seed=8))
+    name = next(iter(a))
+    assert torch.equal(a[name].A, b[name].A) and not torch.equal(a[name].A, c[name].A)
+    assert torch.count_nonzero(a[name].B) == 0
+
+
+def test_set_lora_refuses_missing_layers_and_wrong_shapes(peft_model):
+    lora = random_lora(peft_model)
+    name = next(iter(lora))
+    partial = {k: v for k, v in lora.items() if k != name}
+    with pytest.raises(ValueError, match="missing"):
+        set_lora(peft_model, partial)
+    wrong = {**lora, name: fm.LoraPair(torch.zeros(3, 5), lora[name].B)}
+    with pytest.raises(ValueError, match=name):
+        set_lora(peft_model, wrong)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_backbone_adds_left_times_right(tiny_model, dtype):
+    model = add_lora(copy.deepcopy(tiny_model[0]).to(dtype), r=4)
+    before = get_backbone(model)
+    g = torch.Generator().manual_seed(0)
+    deltas = {name: fm.LowRank(torch.randn(w.shape[0], 3, generator=g), torch.randn(3, w.shape[1], generator=g))
+              for name, w in before.items()}
+    apply_backbone(model, deltas)
+    after = get_backbone(model)
+    for name, delta in deltas.items():
+        expected = (before[name].float() + delta.dense()).to(dtype)
+        torch.testing.assert_close(after[name], expected)
+    with pytest.raises(ValueError, match="does not adapt"):
+        apply_backbone(model, {"model.embed_tokens": next(iter(deltas.values()))})
+
+
+def test_lora_layers_needs_lora(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(tiny_model[0]), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert len(lora_layers(model)) == tiny_model[0].config.num_hidden_layers
