@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -154,6 +155,7 @@ def list_methods() -> None:
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     app(prog_name="fedmomentum")
 
 

@@ -32,14 +32,14 @@ class RunConfig:
     # federation
     rounds: int = 6
     clients: int = 8
-    clients_per_round: int = 4
+    clients_per_round: int = 2
     partition: str = "dirichlet"  # iid | dirichlet | family
     alpha: float = 0.5
     # data
     families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
     jsonl: list[str] = field(default_factory=list)  # extra local JSONL training files (prompt/response)
     train_per_family: int = 200
-    eval_per_family: int = 16
+    eval_per_family: int = 8
     max_length: int = 128
     # local training
     local_steps: int = 4
