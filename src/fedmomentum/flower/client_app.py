@@ -1,0 +1,228 @@
+"""The Flower ClientApp: one client of the federation, training with the same ``client.train_client``.
+
+A node holds one data partition (``partition-id`` in its node config). Each train message carries the global
+adapter, the backbone deltas of the rounds the server believes the node has not applied, the round's
+trainable factors, learning rate and seed, and the run's configuration. The node replies with the factors it
+trained and ``num-examples``.
+
+Backbone versions. The backbone version is the number of rounds whose deltas have been applied. The node keeps
+its version and the deltas it has applied in ``context.state`` (local to the node, kept by Flower across the
+messages of a run), so a fresh ClientApp process (Flower's deployment engine starts one per message) rebuilds the
+exact backbone from the base model without any network traffic. A message says which versions its deltas span
+(``backbone-from`` to ``backbone-to``):
+
+- node version in ``[from, to]``: apply the deltas of the rounds it lacks, train;
+- node version ``< from`` (it restarted, or lost its state): reply ``resync`` with its version; the server resends
+  the deltas from there (it keeps every round's delta);
+- node version ``> to`` (its state comes from another history): forget it and ask for everything from 0.
+
+The model itself is cached per process (keyed by run and config fingerprint) and brought to the node's version by
+applying the logged deltas in order, so every node ends with bit-identical backbone weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..client import train_client
+from ..config import RunConfig, from_dict
+from ..data import encode
+from ..types import LowRank
+from . import wire
+
+log = logging.getLogger("fedmomentum.flower")
+
+STATE_NODE = "fedmomentum.node"  # ConfigRecord: backbone version and the config fingerprint it belongs to
+STATE_LOG = "fedmomentum.backbone"  # ArrayRecord: every delta this node applied, keyed like wire.deltas_to_record
+
+
+def build_model(config: RunConfig):
+    """The client's PEFT model, built exactly as ``simulation.prepare`` builds the server's."""
+    from ..models import load_model
+    from ..peft_io import add_lora
+
+    model, tokenizer = load_model(config.model, device=config.device)
+    model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
+                     dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
+    return model, tokenizer
+
+
+@dataclass
+class _Worker:
+    """What a process keeps between messages: the model at some backbone version, and encoded partitions."""
+
+    key: tuple
+    config: RunConfig
+    model: object
+    tokenizer: object
+    version: int = 0
+    data: dict[int, list[dict]] = field(default_factory=dict)
+
+    def partition(self, pid: int) -> list[dict]:
+        if pid not in self.data:
+            from ..simulation import client_examples
+
+            parts, _ = client_examples(self.config)
+            self.data[pid] = [encode(e, self.tokenizer, self.config.max_length) for e in parts[pid]]
+        return self.data[pid]
+
+
+_WORKER: _Worker | None = None  # one model per process: the backbone is global, so every node can share it
+
+
+def _worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
+    global _WORKER
+    key = (run_id, fp)
+    if _WORKER is None or _WORKER.key != key:
+        _WORKER = None  # free the old model first
+        model, tokenizer = build_model(config)
+        _WORKER = _Worker(key, config, model, tokenizer)
+    return _WORKER
+
+
+def _reset_worker() -> None:
+    global _WORKER
+    _WORKER = None
+
+
+# --- node state (context.state) ---------------------------------------------------------------------------
+
+
+def node_version(context: Context, fp: str) -> int:
+    """The backbone version this node has applied under config fingerprint ``fp`` (0 for none or another one)."""
+    state = context.state.config_records.get(STATE_NODE)
+    if state is None or state.get("fingerprint") != fp:
+        return 0
+    return int(state["backbone-version"])
+
+
+def _node_log(context: Context, fp: str) -> dict[int, dict[str, LowRank]]:
+    if node_version(context, fp) == 0 or STATE_LOG not in context.state.array_records:
+        return {}
+    return wire.record_to_deltas(context.state.array_records[STATE_LOG])
+
+
+def _save_node(context: Context, fp: str, version: int, log_: dict[int, dict[str, LowRank]]) -> None:
+    context.state[STATE_NODE] = ConfigRecord({"fingerprint": fp, "backbone-version": version})
+    context.state[STATE_LOG] = wire.deltas_to_record(log_)
+
+
+def _partition(context: Context, config: RunConfig) -> tuple[int, int]:
+    try:
+        pid = int(context.node_config["partition-id"])
+        count = int(context.node_config.get("num-partitions", config.clients))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("this SuperNode has no integer 'partition-id' in its node config "
+                         "(start it with --node-config \"partition-id=0 num-partitions=2\")") from None
+    if count != config.clients or not 0 <= pid < config.clients:
+        raise ValueError(f"node config partition-id={pid} num-partitions={count} does not fit the run's "
+                         f"clients={config.clients}")
+    return pid, count
+
+
+# --- handlers ---------------------------------------------------------------------------------------------
+
+
+def hello(message: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds and which backbone version it has."""
+    fp = str(message.content["config"]["fingerprint"])
+    info = ConfigRecord({"backbone-version": node_version(context, fp)})
+    try:
+        pid = int(context.node_config["partition-id"])
+        info["partition-id"] = pid
+        info["num-partitions"] = int(context.node_config.get("num-partitions", -1))
+    except (KeyError, TypeError, ValueError):
+        info["partition-id"] = -1
+        info["num-partitions"] = -1
+    return Message(RecordDict({"node": info}), reply_to=message)
+
+
+def _resync(message: Message, pid: int, version: int) -> Message:
+    return Message(RecordDict({"resync": ConfigRecord({"backbone-version": version, "partition-id": pid})}),
+                   reply_to=message)
+
+
+def train(message: Message, context: Context, fault: str | None = None) -> Message:
+    """Bring the backbone to the server's version, train the partition from the global adapter, reply."""
+    settings = message.content["config"]
+    config = from_dict(json.loads(settings["run-config"]))
+    fp = str(settings["fingerprint"])
+    pid, _ = _partition(context, config)
+    start, end = int(settings["backbone-from"]), int(settings["backbone-to"])
+    version = node_version(context, fp)
+    if version > end:  # a backbone from another history: start over from the base model
+        _save_node(context, fp, 0, {})
+        return _resync(message, pid, 0)
+    if version < start:
+        return _resync(message, pid, version)
+    applied = _node_log(context, fp)
+    incoming = wire.record_to_deltas(message.content["backbone"]) if "backbone" in message.content else {}
+    for round in range(version, end):
+        applied[round] = incoming.get(round, {})
+    _save_node(context, fp, end, applied)
+
+    worker = _worker(context.run_id, fp, config)
+    if worker.version > end:
+        _reset_worker()
+        worker = _worker(context.run_id, fp, config)
+    from ..peft_io import apply_backbone
+
+    for round in range(worker.version, end):
+        apply_backbone(worker.model, applied.get(round, {}))
+    worker.version = end
+
+    trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
+    global_lora = wire.record_to_lora(message.content["global"])
+    if fault == "raise":
+        raise RuntimeError(f"injected failure on partition {pid}")
+    update, loss = train_client(worker.model, worker.partition(pid), global_lora, trainable, config.train_config(),
+                                lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
+                                pad_id=worker.tokenizer.pad_token_id)
+    factors = tuple(f for f in ("A", "B") if trainable[f])
+    if fault == "nan":
+        first = next(iter(update.factors))
+        for f in factors:
+            getattr(update.factors[first], f).fill_(math.nan)
+    sent = wire.lora_to_record(update.factors, factors)
+    if fault == "keys":
+        sent["not.a.layer/" + factors[0]] = next(iter(sent.values()))
+    reply = RecordDict({
+        "factors": sent,
+        "metrics": MetricRecord({"num-examples": update.num_examples, "train-loss": float(loss),
+                                 "backbone-version": end, "partition-id": pid}),
+    })
+    return Message(reply, reply_to=message)
+
+
+def make_client_app(faults: dict[int, str] | None = None) -> ClientApp:
+    """A ClientApp. ``faults`` (for tests) maps a partition id to a fault to inject: ``"raise"`` (the ClientApp
+    fails), ``"nan"`` (NaN factors) or ``"keys"`` (an extra layer); a node config key ``fedmomentum-fault`` does the
+    same on a deployed SuperNode."""
+    faults = dict(faults or {})
+    app = ClientApp()
+
+    @app.query()
+    def _query(message: Message, context: Context) -> Message:
+        return hello(message, context)
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        torch.set_grad_enabled(True)
+        fault = faults.get(int(context.node_config.get("partition-id", -1)))
+        fault = fault or (str(context.node_config["fedmomentum-fault"])
+                          if "fedmomentum-fault" in context.node_config else None)
+        return train(message, context, fault)
+
+    return app
+
+
+app = make_client_app()
+
+__all__ = ["app", "build_model", "hello", "make_client_app", "node_version", "train"]
