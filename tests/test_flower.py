@@ -173,17 +173,26 @@ def reference(tmp_path_factory):
     return get
 
 
-def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(tmp_path, reference):
-    config = small_config(tmp_path, "flower")
-    run_local(config, LocalGrid(make_client_app(), [0, 1], 2))
-    a = checkpoint.load(reference("fedmomentum") / simulation.CHECKPOINT)
+@pytest.mark.parametrize("method", ["fedmomentum", "rolora"])
+def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, tmp_path, reference):
+    config = small_config(tmp_path, "flower", method=method)
+    if method == "fedmomentum":  # a node whose own LoRA init differs notices (digest) and gets the whole adapter
+        worker = flower_client._worker(1, wire.fingerprint(config), config)
+        worker.initial = {k: LoraPair(v.A + 1e-3, v.B) for k, v in worker.initial.items()}
+    run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=1))
+    a = checkpoint.load(reference(method) / simulation.CHECKPOINT)
     b = checkpoint.load(tmp_path / "flower" / simulation.CHECKPOINT)
     assert_same_state(a, b, atol=0.0)
-    sim_rows, flower_rows = rows(reference("fedmomentum")), rows(tmp_path / "flower")
+    sim_rows, flower_rows = rows(reference(method)), rows(tmp_path / "flower")
     assert [r["eval_loss"] for r in sim_rows] == pytest.approx([r["eval_loss"] for r in flower_rows], abs=1e-6)
-    last = flower_rows[-1]
-    assert last["uplink_bytes"] >= last["method_uplink_bytes"]  # npy headers on top of the float32 payload
-    assert last["downlink_bytes"] > last["method_downlink_bytes"]  # the whole adapter and the deltas
+    assert all(r["uplink_bytes"] >= r["method_uplink_bytes"] > 0 for r in flower_rows[1:])  # + npy headers
+    adapter = wire.split_factors(wire.lora_to_record(a.lora))
+    factor_bytes = {f: wire.array_bytes(RecordDict({"x": record})) for f, record in adapter.items()}
+    if method == "fedmomentum":
+        assert flower_rows[1]["resyncs"] == 2 and flower_rows[2]["resyncs"] == 0
+        assert flower_rows[2]["downlink_bytes"] > sum(factor_bytes.values())  # the adapter and round 1's delta
+    else:  # round 1: every node builds the seeded init itself; round 2: only B, trained in round 1, goes out
+        assert flower_rows[1]["downlink_bytes"] == 0 and flower_rows[2]["downlink_bytes"] == factor_bytes["B"]
     assert (tmp_path / "flower" / "summary.json").is_file() and (tmp_path / "flower" / "curves.png").is_file()
 
 
@@ -256,7 +265,9 @@ def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference):
                       checkpoint.load(tmp_path / "flower" / simulation.CHECKPOINT))
     sim_rows, flower_rows = rows(reference(method)), rows(tmp_path / "flower")
     assert [r["eval_loss"] for r in flower_rows] == pytest.approx([r["eval_loss"] for r in sim_rows], abs=1e-4)
-    assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] for r in flower_rows[1:])
+    # no resync: the simulation engine keeps each node's context (its backbone version and deltas) between rounds
+    assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] and r["resyncs"] == 0
+               for r in flower_rows[1:])
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["uplink_bytes"] == sum(r["uplink_bytes_total"]
                                                                             for r in flower_rows[1:])

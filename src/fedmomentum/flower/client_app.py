@@ -23,31 +23,27 @@ applying the logged deltas in order, so every node ends with bit-identical backb
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..client import train_client
 from ..config import RunConfig, from_dict
 from ..data import encode
-from ..types import LowRank
+from ..models import load_model
+from ..peft_io import add_lora, apply_backbone, get_lora
+from ..types import LoraPair, LowRank
 from . import wire
-
-log = logging.getLogger("fedmomentum.flower")
 
 STATE_NODE = "fedmomentum.node"  # ConfigRecord: backbone version and the config fingerprint it belongs to
 STATE_LOG = "fedmomentum.backbone"  # ArrayRecord: every delta this node applied, keyed like wire.deltas_to_record
+STATE_ADAPTER = "fedmomentum.adapter"  # ArrayRecord: the global adapter of the node's version
 
 
 def build_model(config: RunConfig):
     """The client's PEFT model, built exactly as ``simulation.prepare`` builds the server's."""
-    from ..models import load_model
-    from ..peft_io import add_lora
-
     model, tokenizer = load_model(config.model, device=config.device)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
                      dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
@@ -64,10 +60,11 @@ class _Worker:
     tokenizer: object
     version: int = 0
     data: dict[int, list[dict]] = field(default_factory=dict)
+    initial: dict = field(default_factory=dict)  # the seeded LoRA init: the global adapter of version 0
 
     def partition(self, pid: int) -> list[dict]:
         if pid not in self.data:
-            from ..simulation import client_examples
+            from ..simulation import client_examples  # here: simulation pulls in matplotlib, unused by clients
 
             parts, _ = client_examples(self.config)
             self.data[pid] = [encode(e, self.tokenizer, self.config.max_length) for e in parts[pid]]
@@ -83,7 +80,7 @@ def _worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
     if _WORKER is None or _WORKER.key != key:
         _WORKER = None  # free the old model first
         model, tokenizer = build_model(config)
-        _WORKER = _Worker(key, config, model, tokenizer)
+        _WORKER = _Worker(key, config, model, tokenizer, initial=get_lora(model))
     return _WORKER
 
 
@@ -109,9 +106,11 @@ def _node_log(context: Context, fp: str) -> dict[int, dict[str, LowRank]]:
     return wire.record_to_deltas(context.state.array_records[STATE_LOG])
 
 
-def _save_node(context: Context, fp: str, version: int, log_: dict[int, dict[str, LowRank]]) -> None:
+def _save_node(context: Context, fp: str, version: int, log_: dict[int, dict[str, LowRank]],
+               adapter: dict[str, LoraPair] | None = None) -> None:
     context.state[STATE_NODE] = ConfigRecord({"fingerprint": fp, "backbone-version": version})
     context.state[STATE_LOG] = wire.deltas_to_record(log_)
+    context.state[STATE_ADAPTER] = wire.lora_to_record(adapter or {})
 
 
 def _partition(context: Context, config: RunConfig) -> tuple[int, int]:
@@ -144,9 +143,9 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": info}), reply_to=message)
 
 
-def _resync(message: Message, pid: int, version: int) -> Message:
-    return Message(RecordDict({"resync": ConfigRecord({"backbone-version": version, "partition-id": pid})}),
-                   reply_to=message)
+def _resync(message: Message, pid: int, version: int, full_adapter: bool = False) -> Message:
+    info = ConfigRecord({"backbone-version": version, "partition-id": pid, "full-adapter": full_adapter})
+    return Message(RecordDict({"resync": info}), reply_to=message)
 
 
 def train(message: Message, context: Context, fault: str | None = None) -> Message:
@@ -162,24 +161,33 @@ def train(message: Message, context: Context, fault: str | None = None) -> Messa
         return _resync(message, pid, 0)
     if version < start:
         return _resync(message, pid, version)
+    worker = _worker(context.run_id, fp, config)
+    # the global adapter: the factors the message carries, the others as the node last had them
+    held = context.state.array_records.get(STATE_ADAPTER)
+    held = wire.record_to_lora(held) if version > 0 and held else worker.initial
+    factors = {name: {"A": pair.A, "B": pair.B} for name, pair in held.items()}
+    for factor in ("A", "B"):
+        if f"global-{factor}" in message.content:
+            for name, sent in wire.record_to_factors(message.content[f"global-{factor}"]).items():
+                factors.setdefault(name, {})[factor] = sent[factor]
+    global_lora = {name: LoraPair(pair["A"], pair["B"]) for name, pair in factors.items()}
+    if wire.adapter_digest(global_lora) != settings["adapter-digest"]:  # e.g. another PEFT init: ask for it all
+        _save_node(context, fp, 0, {})
+        return _resync(message, pid, 0, full_adapter=True)
     applied = _node_log(context, fp)
     incoming = wire.record_to_deltas(message.content["backbone"]) if "backbone" in message.content else {}
     for round in range(version, end):
         applied[round] = incoming.get(round, {})
-    _save_node(context, fp, end, applied)
+    _save_node(context, fp, end, applied, global_lora)
 
-    worker = _worker(context.run_id, fp, config)
     if worker.version > end:
         _reset_worker()
         worker = _worker(context.run_id, fp, config)
-    from ..peft_io import apply_backbone
-
     for round in range(worker.version, end):
         apply_backbone(worker.model, applied.get(round, {}))
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
-    global_lora = wire.record_to_lora(message.content["global"])
     if fault == "raise":
         raise RuntimeError(f"injected failure on partition {pid}")
     update, loss = train_client(worker.model, worker.partition(pid), global_lora, trainable, config.train_config(),
@@ -214,7 +222,6 @@ def make_client_app(faults: dict[int, str] | None = None) -> ClientApp:
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:
-        torch.set_grad_enabled(True)
         fault = faults.get(int(context.node_config.get("partition-id", -1)))
         fault = fault or (str(context.node_config["fedmomentum-fault"])
                           if "fedmomentum-fault" in context.node_config else None)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -94,6 +95,7 @@ class LoraStrategy(Strategy):
         self.round = 0  # completed rounds = the backbone version
         self.global_lora: dict[str, LoraPair] = {}
         self.backbone_log: list[dict[str, LowRank]] = []  # index t: the delta of round t (empty dict for none)
+        self.adapter_changes: list[dict[str, bool]] = []  # index t: did round t change the global A / B?
         self.nodes: dict[int, Node] = {}
         self._ignored: dict[int, str] = {}  # node id → why it is not used
         self._round: dict = {}  # bookkeeping of the round in progress
@@ -169,10 +171,17 @@ class LoraStrategy(Strategy):
             "lr": round_lr(self.config.lr, self.config.lr_schedule, round, self.config.rounds),
             "train-A": bool(trainable["A"]),
             "train-B": bool(trainable["B"]),
+            "adapter-digest": wire.adapter_digest(self.global_lora),
         })
 
-    def train_message(self, node: Node, arrays: ArrayRecord, settings: ConfigRecord, server_round: int) -> Message:
-        """One node's message: the shared adapter and settings, plus its seed and the deltas it lacks."""
+    def train_message(self, node: Node, arrays: ArrayRecord, settings: ConfigRecord, server_round: int,
+                      full: bool = False) -> Message:
+        """One node's message: the settings, its seed, and the adapter factors and backbone deltas it lacks.
+
+        A node at version ``v`` holds the global adapter of version ``v`` (the one it last trained from; version 0
+        is the seeded LoRA init, which every node builds itself), so a factor goes out only if a round since
+        ``v`` changed it (``full`` sends both). The settings carry the adapter's digest for the node to check.
+        """
         version = len(self.backbone_log)
         start = min(node.version, version)
         config = ConfigRecord(dict(settings.items()))
@@ -181,7 +190,10 @@ class LoraStrategy(Strategy):
         config["backbone-from"] = start
         config["backbone-to"] = version
         deltas = {t: self.backbone_log[t] for t in range(start, version) if self.backbone_log[t]}
-        content = RecordDict({"global": arrays, "config": config, "backbone": wire.deltas_to_record(deltas)})
+        content = RecordDict({"config": config, "backbone": wire.deltas_to_record(deltas)})
+        for factor, record in wire.split_factors(arrays).items():
+            if full or any(self.adapter_changes[t][factor] for t in range(start, version)):
+                content[f"global-{factor}"] = record
         return Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -216,19 +228,23 @@ class LoraStrategy(Strategy):
                 down[cid] = down.get(cid, 0) + wire.array_bytes(message.content)
             retry = []
             for reply in grid.send_and_receive(pending, timeout=remaining):
-                node = self.nodes[reply.metadata.src_node_id]
+                node = self.nodes.get(reply.metadata.src_node_id)
+                if node is None:  # not a node this round wrote to
+                    continue
                 cid = client_id(node.partition)
                 if reply.has_content():
                     up[cid] = up.get(cid, 0) + wire.array_bytes(reply.content)
                 if reply.has_content() and "resync" in reply.content:
                     attempts[node.node_id] = attempts.get(node.node_id, 0) + 1
-                    node.version = int(reply.content["resync"]["backbone-version"])
+                    resync = reply.content["resync"]
+                    node.version = int(resync["backbone-version"])
+                    full = bool(resync.get("full-adapter", False))
                     self._round["resyncs"] = self._round.get("resyncs", 0) + 1
-                    log(INFO, "node %d (%s) has backbone version %d; resending from there", node.node_id, cid,
-                        node.version)
+                    log(INFO, "node %d (%s) has backbone version %d%s; resending from there", node.node_id, cid,
+                        node.version, " and needs the whole adapter" if full else "")
                     if attempts[node.node_id] <= 2:
                         retry.append(self.train_message(node, self._round["arrays"], self._round["settings"],
-                                                        server_round))
+                                                        server_round, full=full))
                         continue
                 replies[node.node_id] = reply
             pending = retry
@@ -314,13 +330,15 @@ class LoraStrategy(Strategy):
         apply_backbone(self.setup.model, result.backbone)
         set_lora(self.setup.model, result.lora)
         self.backbone_log.append(result.backbone)
+        self.adapter_changes.append({factor: any(not torch.equal(getattr(result.lora[name], factor),
+                                                                 getattr(pair, factor))
+                                                 for name, pair in self.global_lora.items())
+                                     for factor in ("A", "B")})
         self.global_lora = result.lora
         self.round = round + 1
         record = self._record(round, result, accepted, failed, rejected, aggregation_seconds)
         self.last = (result, record)
-        metrics = MetricRecord({k: float(v) for k, v in record.items()
-                                if isinstance(v, int | float) and not isinstance(v, bool)})
-        return wire.lora_to_record(result.lora), metrics
+        return wire.lora_to_record(result.lora), _metric_record(record)
 
     def _record(self, round, result, accepted, failed, rejected, aggregation_seconds) -> dict:
         """The metrics.jsonl row: ``fedmomentum run``'s keys, bytes measured on the messages, and the faults."""
@@ -376,7 +394,8 @@ class LoraStrategy(Strategy):
                    for t, deltas in enumerate(self.backbone_log) for name, delta in deltas.items()
                    for side, attr in (("L", "left"), ("R", "right"))}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"rounds": str(len(self.backbone_log)), "format": "fedmomentum-log/1"})
+        save_file(tensors, str(tmp), metadata={"rounds": str(len(self.backbone_log)), "format": "fedmomentum-log/1",
+                                               "adapter_changes": json.dumps(self.adapter_changes)})
         tmp.replace(path)
 
     def load_backbone_log(self, path: Path, rounds: int) -> None:
@@ -385,10 +404,12 @@ class LoraStrategy(Strategy):
             raise ValueError(f"cannot resume on Flower without {path}: late or restarted nodes need every round's "
                              "backbone delta (a run started by `fedmomentum run` cannot continue on Flower)")
         with safe_open(str(path), "pt") as handle:
-            saved = int((handle.metadata() or {}).get("rounds", -1))
+            metadata = handle.metadata() or {}
+            saved = int(metadata.get("rounds", -1))
             if saved < rounds:
                 raise ValueError(f"{path} holds {saved} rounds of backbone deltas, the checkpoint needs {rounds}")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        self.adapter_changes = json.loads(metadata["adapter_changes"])[:rounds]
         log_: list[dict[str, LowRank]] = [{} for _ in range(rounds)]
         for key, left in tensors.items():
             t, rest = key.split("/", 1)

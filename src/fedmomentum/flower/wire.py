@@ -2,7 +2,8 @@
 
 Everything travels as float32 numpy arrays (numpy has no bfloat16). Keys:
 
-- adapter factors: ``"<layer>/A"`` and ``"<layer>/B"`` (PEFT shapes ``(r, in)`` and ``(out, r)``);
+- adapter factors: ``"<layer>/A"`` and ``"<layer>/B"`` (PEFT shapes ``(r, in)`` and ``(out, r)``); a train
+  message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it;
 - backbone deltas: ``"<round>/<layer>/L"`` and ``"<round>/<layer>/R"``, the factors of ``D = L @ R`` that the
   aggregation of ``round`` (0-based) produced; a round without a delta has no keys.
 
@@ -57,6 +58,22 @@ def record_to_lora(record: ArrayRecord) -> dict[str, LoraPair]:
     if incomplete:
         raise ValueError(f"adapter layers without both A and B: {incomplete[:3]}")
     return {name: LoraPair(pair["A"], pair["B"]) for name, pair in factors.items()}
+
+
+def split_factors(record: ArrayRecord) -> dict[str, ArrayRecord]:
+    """``{"A": ..., "B": ...}``: an adapter record split by factor, so a message can carry only one of them."""
+    return {factor: ArrayRecord({k: v for k, v in record.items() if k.endswith("/" + factor)})
+            for factor in ("A", "B")}
+
+
+def adapter_digest(lora: dict[str, LoraPair]) -> str:
+    """A hash of the adapter's float32 values: the client checks that the adapter it assembled is the server's."""
+    digest = hashlib.sha256()
+    for name in sorted(lora):
+        for factor in (lora[name].A, lora[name].B):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(factor.detach().to("cpu", torch.float32).numpy()).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def deltas_to_record(log: dict[int, dict[str, LowRank]]) -> ArrayRecord:
