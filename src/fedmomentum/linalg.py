@@ -3,6 +3,10 @@
 ``Σ w_i L_i R_i`` with ``L_i: d×r_i`` and ``R_i: r_i×k`` has rank ``q ≤ Σ r_i``. Stacking gives one product
 ``L R`` (``L: d×q``, ``R: q×k``); QR of ``L`` and of ``Rᵀ`` leaves a ``q×q`` core whose SVD is the SVD of the
 whole, exactly, at ``O((d+k) q²)`` instead of ``O(d k min(d, k))``.
+
+The QR factors stay in Householder form (``torch.geqrf``): the singular values need only the triangular
+factors, and a method that needs only the leading ``n`` singular vectors pays ``O((d+k) q n)`` for them
+(``ProductSVD.U(n)`` / ``ProductSVD.Vh(n)``) instead of forming both ``d×q`` and ``k×q`` orthonormal bases.
 """
 
 from __future__ import annotations
@@ -23,14 +27,51 @@ def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[f
     if not (len(lefts) == len(rights) == len(weights)) or not lefts:
         raise ValueError(f"need as many lefts, rights and weights, and at least one: "
                          f"{len(lefts)}, {len(rights)}, {len(weights)}")
-    return torch.cat([w * L for w, L in zip(weights, lefts, strict=True)], 1), torch.cat(list(rights), 0)
+    L = torch.cat(list(lefts), 1)
+    L *= torch.cat([torch.full((x.shape[1],), float(w), dtype=L.dtype, device=L.device)
+                    for w, x in zip(weights, lefts, strict=True)])  # w_i on the columns of lefts[i]
+    return L, torch.cat(list(rights), 0)
 
 
-def _thin_svd_of_product(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    Q_left, R_left = torch.linalg.qr(L)
-    Q_right, R_right = torch.linalg.qr(R.mT)
-    U_core, S, Vh_core = torch.linalg.svd(R_left @ R_right.mT, full_matrices=False)
-    return Q_left @ U_core, S, Vh_core @ Q_right.mT
+def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
+    """``Q @ X`` for the ``Q`` of ``torch.geqrf`` (kept implicit), ``X`` zero-padded to ``Q``'s rows."""
+    if X.shape[0] < reflectors.shape[0]:
+        X = torch.cat([X, X.new_zeros(reflectors.shape[0] - X.shape[0], X.shape[1])], 0)
+    return torch.ormqr(reflectors, tau, X)
+
+
+class ProductSVD:
+    """The thin SVD of ``L @ R`` (``L: d×q``, ``R: q×k``): all ``min(d, k, q)`` singular values in ``S``,
+    singular vectors on request (``U(n)``, ``Vh(n)``: the leading ``n``, all by default).
+
+    ``kind="factored"`` (exact, never forms ``L @ R``): Householder QR of ``L`` and ``Rᵀ`` and the SVD of the
+    small core ``T_L T_Rᵀ``; ``U(n)``/``Vh(n)`` apply the implicit ``Q`` to ``n`` core vectors.
+    ``"dense"`` (exact SVD of the dense matrix) and ``"randomized"`` (``torch.svd_lowrank`` on it, as
+    published code does) are there for parity and benchmarks.
+    """
+
+    def __init__(self, L: Tensor, R: Tensor, kind: str = "factored"):
+        if kind not in SVD_KINDS:
+            raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
+        if kind == "factored":
+            self._left = torch.geqrf(L)
+            self._right = torch.geqrf(R.mT)
+            core = torch.triu(self._left[0][: min(L.shape)]) @ torch.triu(self._right[0][: min(R.shape)]).mT
+            self._U, self.S, self._Vh = torch.linalg.svd(core, full_matrices=False)
+        else:
+            self._left = self._right = None
+            route = dense_svd if kind == "dense" else randomized_svd
+            self._U, self.S, self._Vh = route(L @ R, min(L.shape[0], L.shape[1], R.shape[1]))
+
+    def U(self, n: int | None = None) -> Tensor:
+        """The leading ``n`` left singular vectors, ``d×n``."""
+        U = self._U[:, :n]
+        return U if self._left is None else _apply_q(*self._left, U).contiguous()
+
+    def Vh(self, n: int | None = None) -> Tensor:
+        """The leading ``n`` right singular vectors as rows, ``n×k``."""
+        Vh = self._Vh[:n]
+        return Vh if self._right is None else _apply_q(*self._right, Vh.mT).mT
 
 
 def factored_svd(
@@ -44,8 +85,7 @@ def factored_svd(
     Returns ``min(d, k, Σ r_i)`` components, singular values in descending order (trailing ones may be
     numerically zero when the sum is rank deficient; see ``numerical_rank``).
     """
-    L, R = stack([x.to(dtype) for x in lefts], [x.to(dtype) for x in rights], weights)
-    return _thin_svd_of_product(L, R)
+    return svd_of_sum(lefts, rights, weights, "factored", dtype)
 
 
 def dense_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,13 +110,10 @@ def svd_of_sum(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of ``Σ w_i lefts[i] @ rights[i]`` by the chosen route; every route returns ``≤ Σ r_i`` components."""
-    if kind == "factored":
-        return factored_svd(lefts, rights, weights, dtype)
     if kind not in SVD_KINDS:
         raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
-    L, R = stack([x.to(dtype) for x in lefts], [x.to(dtype) for x in rights], weights)
-    rank = min(L.shape[1], L.shape[0], R.shape[1])
-    return dense_svd(L @ R, rank) if kind == "dense" else randomized_svd(L @ R, rank)
+    svd = ProductSVD(*stack([x.to(dtype) for x in lefts], [x.to(dtype) for x in rights], weights), kind)
+    return svd.U(), svd.S, svd.Vh()
 
 
 def numerical_rank(S: Tensor, shape: tuple[int, ...]) -> int:
@@ -106,15 +143,27 @@ def energy_rank(S: Tensor, rank: int, energy: float) -> int:
 
 def lowrank_norm(left: Tensor, right: Tensor) -> float:
     """``‖left @ right‖_F`` from the ``q×q`` core of two QRs (no cancellation, no ``d×k`` matrix)."""
-    _, R_left = torch.linalg.qr(left)
-    _, R_right = torch.linalg.qr(right.mT)
+    R_left = torch.linalg.qr(left, mode="r")[1]
+    R_right = torch.linalg.qr(right.mT, mode="r")[1]
     return float(torch.linalg.matrix_norm(R_left @ R_right.mT))
 
 
+def spectral_norm(X: Tensor) -> float:
+    """``‖X‖₂`` of a thin (or wide) matrix, from its small Gram matrix."""
+    gram = X.mT @ X if X.shape[0] >= X.shape[1] else X @ X.mT
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt()) if gram.numel() else 0.0
+
+
 def compress(delta: LowRank) -> LowRank:
-    """The same matrix with its factors cut to its numerical rank (``U S`` on the left, ``Vh`` on the right)."""
+    """The same matrix with its factors cut to its numerical rank (``U S`` on the left, ``Vh`` on the right).
+
+    Besides numpy's rule (relative to ``σ_1``), components at the round-off of forming ``left @ right`` at all
+    (``ε √max(d, k) ‖left‖₂ ‖right‖₂``) are dropped, so terms that cancel (``B A − B A``) compress to rank 0.
+    """
     if delta.rank == 0:
         return delta
-    U, S, Vh = _thin_svd_of_product(delta.left, delta.right)
-    keep = numerical_rank(S, (delta.rank,) + delta.shape)
-    return LowRank(U[:, :keep] * S[:keep], Vh[:keep].contiguous())
+    svd = ProductSVD(delta.left, delta.right)
+    floor = spectral_norm(delta.left) * spectral_norm(delta.right) * max(delta.shape) ** 0.5
+    keep = min(numerical_rank(svd.S, (delta.rank,) + delta.shape),
+               int((svd.S > floor * torch.finfo(svd.S.dtype).eps).sum()))
+    return LowRank(svd.U(keep) * svd.S[:keep], svd.Vh(keep).contiguous())

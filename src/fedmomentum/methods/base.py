@@ -7,6 +7,7 @@ the updates, computes ``p_i``, casts to the aggregation dtype and totals the sta
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 from typing import ClassVar
 
@@ -90,12 +91,12 @@ class Method:
         """``p_i = n_i / Σ n_j`` (or uniform)."""
         if self.weighting == "uniform":
             return [1.0 / len(updates)] * len(updates)
-        total = sum(u.num_examples for u in updates)
-        return [u.num_examples / total for u in updates]
+        total = sum(int(u.num_examples) for u in updates)
+        return [int(u.num_examples) / total for u in updates]
 
     def fresh_A(self, name: str, rows: int, in_features: int, round: int) -> Tensor:
         """Rows of a new LoRA ``A`` as PEFT initialises it (kaiming-uniform), seeded by method seed, round, layer."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + round * 10_007 + zlib.crc32(name.encode())))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round * 10_007 + zlib.crc32(name.encode()))
         bound = 1.0 / math.sqrt(in_features)
         return (torch.rand(rows, in_features, generator=generator, dtype=self.dtype) * 2 - 1) * bound
 
@@ -110,7 +111,7 @@ class Method:
         for index, update in enumerate(updates):
             who = f"client {update.client_id or index!r}"
             n = update.num_examples
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
                 raise UpdateError(f"{who}: num_examples must be a positive integer, got {n!r}")
             missing = sorted(set(global_lora) - set(update.factors))
             extra = sorted(set(update.factors) - set(global_lora))
@@ -131,9 +132,9 @@ class Method:
                     raise UpdateError(f"{where}: rank {A.shape[0]} differs from the global rank {g.rank}, "
                                       f"and {self.name} needs equal ranks (use flora, fedex-lora, flexlora "
                                       f"or fedmomentum for mixed ranks)")
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    factor = "A" if not torch.isfinite(A).all() else "B"
-                    raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
+                for factor, X in (("A", A), ("B", B)):
+                    if not _finite(X):
+                        raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> dict:
         """Totals over layers, plus what each client sends and receives (float32 bytes)."""
@@ -163,6 +164,14 @@ class Method:
             "uplink_bytes_per_client": uplink,
             "layers": per_layer,
         }
+
+
+def _finite(X: Tensor) -> bool:
+    """No NaN or ±Inf in ``X`` (min and max propagate NaN: one fast pass, no boolean copy of ``X``)."""
+    if X.numel() == 0:
+        return True
+    low, high = torch.aminmax(X)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def mean(tensors: list[Tensor], weights: list[float]) -> Tensor:

@@ -24,11 +24,17 @@ class FedExLoRA(Method):
     name = "fedex-lora"
     mixed_ranks = True
 
+    def validate(self, global_lora, updates):
+        super().validate(global_lora, updates)
+        for index, update in enumerate(updates):
+            for name, pair in update.factors.items():
+                if pair.rank > global_lora[name].rank:
+                    raise UpdateError(f"client {update.client_id or index!r}, layer {name!r}: rank {pair.rank} "
+                                      f"exceeds the global rank {global_lora[name].rank}, which {self.name} "
+                                      f"cannot average into (use flora, flexlora or fedmomentum)")
+
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
         rank = global_pair.rank
-        if any(c.rank > rank for c in clients):
-            raise UpdateError(f"{self.name}, layer {name!r}: client ranks {[c.rank for c in clients]} "
-                              f"exceed the global rank {rank}")
         padded = [_pad(c, rank) for c in clients]
         new = LoraPair(mean([c.A for c in padded], weights), mean([c.B for c in padded], weights))
         exact = product_sum(clients, weights, scaling)

@@ -1,34 +1,41 @@
 """FedMomentum (arXiv 2603.08014): keep the adapter's momentum by rebuilding it from the exact aggregate.
 
-``Σ p_i B_i A_i = U S Vᵀ``. The top ``r`` components become the new adapter (``√S`` on each side), the
+``M = Σ p_i B_i A_i = U S Vᵀ``. The top ``r`` components become the new adapter (``√S`` on each side), the
 next ones up to ``r_eff`` (set by ``residual_energy``) are merged into the backbone, so with
 ``residual_energy = 1`` the global model is exactly the weighted average of the client models.
+
+Only the right singular vectors are formed, and only as many as are used (``linalg.ProductSVD``): with
+``M = L R`` stacked, the adapter is ``U_r S_r V_rᵀ = (L (R V_r)) V_rᵀ`` and, when the whole tail goes to the
+backbone, the residual is ``M − M V_r V_rᵀ = L (R − (R V_r) V_rᵀ)``: exact by construction (whatever the
+SVD's round-off), at ``O((d + k) q r)`` beyond the two QRs, kept as rank-``q`` factors rather than being
+compressed to rank ``q − r`` (that would cost as much again as the QRs).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..linalg import SVD_KINDS, compress, energy_rank, numerical_rank, svd_of_sum
+from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
 from ..types import LoraPair, LowRank, Tensor
 from .base import Method
 
 SPLITS = ("balanced", "left")
 
 
-def adapter_from_svd(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str, fresh_A) -> LoraPair:
-    """Rank-``rank`` factors with ``B A = U_r S_r V_rᵀ``.
+def adapter_from_svd(US: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str, fresh_A) -> LoraPair:
+    """Rank-``rank`` factors with ``B A = U S Vh`` for the given components (``US = U S``, all ``S > 0``).
 
-    Components that are missing or numerically zero get ``B`` column 0 and a fresh ``A`` row (``fresh_A(n)``,
-    like a LoRA init), so those slots stay trainable instead of being stuck at ``A = B = 0``.
+    Slots beyond the given components (missing or numerically zero ones) get ``B`` column 0 and a fresh ``A``
+    row (``fresh_A(n)``, like a LoRA init), so they stay trainable instead of being stuck at ``A = B = 0``.
     """
-    alive = min(numerical_rank(S, (U.shape[0], Vh.shape[1])), rank)
-    U, S, Vh = U[:, :alive], S[:alive], Vh[:alive]
-    left_scale, right_scale = (S.sqrt(), S.sqrt()) if split == "balanced" else (S, torch.ones_like(S))
-    B, A = U * left_scale, right_scale[:, None] * Vh
-    if alive < rank:
-        B = torch.cat([B, B.new_zeros(B.shape[0], rank - alive)], 1)
-        A = torch.cat([A, fresh_A(rank - alive)], 0)
+    if split == "balanced":
+        root = S.sqrt()
+        B, A = US / root, root[:, None] * Vh
+    else:
+        B, A = US, Vh
+    if len(S) < rank:
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - len(S))], 1)
+        A = torch.cat([A, fresh_A(rank - len(S)).to(A)], 0)
     return LoraPair(A.contiguous(), B.contiguous())
 
 
@@ -45,7 +52,7 @@ class FedMomentum(Method):
             raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if not isinstance(merge_every, int) or merge_every < 1:
+        if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
             raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
@@ -59,41 +66,61 @@ class FedMomentum(Method):
 
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
         rank, shape = global_pair.rank, global_pair.shape
-        U, S, Vh = svd_of_sum([c.B for c in clients], [c.A for c in clients], weights, self.svd, self.dtype)
-        new = adapter_from_svd(U, S, Vh, rank, self.split,
+        L, R = stack([c.B for c in clients], [c.A for c in clients], weights)  # L @ R = M
+        svd = ProductSVD(L, R, self.svd)
+        S = svd.S
+        alive = min(numerical_rank(S, shape), rank)  # components the adapter takes; its other slots restart
+        nonzero = numerical_rank(S, (len(S),))
+        keep = energy_rank(S, rank, self.residual_energy) if self.merge_residual else alive
+        whole_tail = self.merge_residual and keep >= nonzero  # the backbone gets all the adapter leaves
+        Vh = svd.Vh(alive if whole_tail else keep)
+        RV = R @ Vh.mT
+        US = L @ RV  # M V = U S, so U S Vh is exactly M's projection on those right singular vectors
+        new = adapter_from_svd(US[:, :alive], S[:alive], Vh[:alive], rank, self.split,
                                lambda n: self.fresh_A(name, n, shape[1], round))
-        keep = energy_rank(S, rank, self.residual_energy) if self.merge_residual else min(rank, len(S))
+        if whole_tail:
+            residual = LowRank(L, torch.addmm(R, RV, Vh, beta=scaling, alpha=-scaling)) if nonzero > alive else None
+            residual_rank, dropped = max(0, nonzero - alive), 0.0
+        else:
+            residual = (LowRank((scaling * US[:, alive:keep]).contiguous(), Vh[alive:keep].contiguous())
+                        if keep > alive else None)
+            residual_rank, dropped = keep - alive, float((S[keep:].double() ** 2).sum())
         energy = float((S.double() ** 2).sum())
         stats = {
             "rank": rank,
-            "residual_rank": max(0, keep - rank),
+            "residual_rank": residual_rank,
             "energy": energy,
-            "energy_dropped": float((S[keep:].double() ** 2).sum()) / energy if energy > 0 else 0.0,
+            "energy_dropped": dropped / energy if energy > 0 else 0.0,
         }
-        if keep <= rank and name not in self.pending:
-            return new, None, stats
-        residual = LowRank((scaling * U[:, rank:keep]) * S[rank:keep], Vh[rank:keep].contiguous())
+        residual = self._hold_or_release(name, residual, round)
         if name in self.pending:
-            residual = compress(self.pending.pop(name) + residual)
-        if (round + 1) % self.merge_every == 0:
-            return new, residual, stats
+            stats["pending_rank"] = self.pending[name].rank
+        return new, residual, stats
+
+    def _hold_or_release(self, name: str, residual: LowRank | None, round: int) -> LowRank | None:
+        """With ``merge_every = k`` residuals wait on the server and go out together after every ``k``-th round."""
+        if name in self.pending:
+            held = self.pending.pop(name)
+            residual = held if residual is None else compress(held + residual)
+        if residual is None or (round + 1) % self.merge_every == 0:
+            return residual
         self.pending[name] = residual
-        stats["pending_rank"] = residual.rank
-        return new, None, stats
+        return None
 
     def state_dict(self):
         state = {}
         for name, delta in self.pending.items():
-            state[f"pending.{name}.left"] = delta.left.clone()
-            state[f"pending.{name}.right"] = delta.right.clone()
+            state[f"pending.{name}.left"] = delta.left.clone(memory_format=torch.contiguous_format)
+            state[f"pending.{name}.right"] = delta.right.clone(memory_format=torch.contiguous_format)
         return state
 
     def load_state_dict(self, state):
-        names = {key[len("pending."):].rsplit(".", 1)[0] for key in state}
         unknown = [key for key in state if not key.startswith("pending.")]
         if unknown:
             raise ValueError(f"fedmomentum: unexpected state keys {unknown[:5]}")
+        names = {key[len("pending."):].rsplit(".", 1)[0] for key in state}
         try:
-            self.pending = {n: LowRank(state[f"pending.{n}.left"], state[f"pending.{n}.right"]) for n in names}
+            self.pending = {n: LowRank(state[f"pending.{n}.left"].to(self.dtype),
+                                       state[f"pending.{n}.right"].to(self.dtype)) for n in names}
         except KeyError as missing:
             raise ValueError(f"fedmomentum: state is missing {missing}") from None

@@ -5,7 +5,7 @@ Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energ
 
 from __future__ import annotations
 
-from ..linalg import SVD_KINDS, svd_of_sum
+from ..linalg import SVD_KINDS, ProductSVD, numerical_rank, stack
 from .base import Method
 from .fedmomentum import SPLITS, adapter_from_svd
 
@@ -25,8 +25,13 @@ class FlexLoRA(Method):
 
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
         rank, shape = global_pair.rank, global_pair.shape
-        U, S, Vh = svd_of_sum([c.B for c in clients], [c.A for c in clients], weights, self.svd, self.dtype)
-        new = adapter_from_svd(U, S, Vh, rank, self.split, lambda n: self.fresh_A(name, n, shape[1], round))
+        L, R = stack([c.B for c in clients], [c.A for c in clients], weights)
+        svd = ProductSVD(L, R, self.svd)
+        S = svd.S
+        alive = min(numerical_rank(S, shape), rank)
+        Vh = svd.Vh(alive)
+        new = adapter_from_svd(L @ (R @ Vh.mT), S[:alive], Vh, rank, self.split,
+                               lambda n: self.fresh_A(name, n, shape[1], round))
         energy = float((S.double() ** 2).sum())
-        dropped = float((S[rank:].double() ** 2).sum()) / energy if energy > 0 else 0.0
+        dropped = float((S[alive:].double() ** 2).sum()) / energy if energy > 0 else 0.0
         return new, None, {"rank": rank, "energy": energy, "energy_dropped": dropped}

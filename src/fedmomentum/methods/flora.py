@@ -5,8 +5,6 @@ Exact, but the adapter restarts every round (``B' = 0``, new random ``A'``): no 
 
 from __future__ import annotations
 
-import torch
-
 from ..linalg import compress
 from ..types import LoraPair
 from .base import Method, product_sum
@@ -19,6 +17,6 @@ class FLoRA(Method):
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
         delta = compress(product_sum(clients, weights, scaling))
         rank, (out_features, in_features) = global_pair.rank, global_pair.shape
-        new = LoraPair(self.fresh_A(name, rank, in_features, round),
-                       torch.zeros(out_features, rank, dtype=self.dtype))
+        new = LoraPair(self.fresh_A(name, rank, in_features, round).to(delta.left.device),
+                       delta.left.new_zeros(out_features, rank))
         return new, delta, {"rank": rank}
