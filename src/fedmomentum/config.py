@@ -30,9 +30,9 @@ class RunConfig:
     rslora: bool = False
     lora_dropout: float = 0.0
     # federation
-    rounds: int = 6
+    rounds: int = 10
     clients: int = 8
-    clients_per_round: int = 2
+    clients_per_round: int = 4
     partition: str = "dirichlet"  # iid | dirichlet | family
     alpha: float = 0.5
     # data
@@ -46,7 +46,7 @@ class RunConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant | cosine | linear, over rounds
+    lr_schedule: str = "cosine"  # constant | cosine | linear, over rounds (to 0.1·lr)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: bool = False
