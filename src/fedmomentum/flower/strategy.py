@@ -56,6 +56,7 @@ class Node:
     node_id: int
     partition: int
     version: int  # the backbone version the server believes the node has
+    failures: int = 0  # consecutive rounds it failed or went silent (another node for its partition goes first)
 
 
 def client_id(partition: int) -> str:
@@ -155,9 +156,9 @@ class LoraStrategy(Strategy):
             time.sleep(0.5)
 
     def node_for(self, partition: int) -> Node | None:
-        """The node that trains ``partition`` (the most up-to-date one when several hold it)."""
+        """The node that trains ``partition``; when several hold it, the most reliable, then most up-to-date one."""
         holders = [node for node in self.nodes.values() if node.partition == partition]
-        return max(holders, key=lambda node: (node.version, -node.node_id)) if holders else None
+        return max(holders, key=lambda node: (-node.failures, node.version, -node.node_id)) if holders else None
 
     # --- messages -------------------------------------------------------------------------------------
 
@@ -302,6 +303,7 @@ class LoraStrategy(Strategy):
             answered.add(node.node_id)
             cid = client_id(node.partition)
             if reply.has_error():
+                node.failures += 1
                 failed[cid] = f"error reply: {reply.error.reason}"
                 log(WARNING, "round %d: %s failed and is left out: %s", server_round, cid, reply.error.reason)
                 continue
@@ -312,10 +314,11 @@ class LoraStrategy(Strategy):
                 rejected[cid] = str(error)
                 log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, error)
                 continue
-            node.version = len(self.backbone_log)
+            node.version, node.failures = len(self.backbone_log), 0
             accepted.append((node.partition, update, loss))
         for node_id, node in self._round.get("targets", {}).items():
             if node_id not in answered:
+                node.failures += 1
                 failed[client_id(node.partition)] = f"no reply within {self.round_timeout:.0f}s"
                 log(WARNING, "round %d: %s did not reply in time and is left out", server_round,
                     client_id(node.partition))
