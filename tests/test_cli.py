@@ -88,3 +88,11 @@ def test_run_resume_and_compare_on_a_local_model(model_dir, tmp_path):
     assert "| fedit |" in result.output and "| fedmomentum |" in result.output
     assert (root / "compare.png").stat().st_size > 1000
     assert (root / "compare.csv").read_text().startswith("method,")
+
+    # --resume keeps finished methods and runs only what is missing
+    before = (root / "fedit" / "metrics.jsonl").read_text()
+    result = runner.invoke(app, ["compare", "--methods", "fedit,flora", "--model", str(model_dir),
+                                 "--out", str(root), "--resume", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert (root / "fedit" / "metrics.jsonl").read_text() == before
+    assert "| flora |" in result.output and (root / "flora" / "summary.json").is_file()

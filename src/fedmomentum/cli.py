@@ -104,11 +104,13 @@ def compare(
     device: Device = None,
     out: Annotated[str, typer.Option(help="Output folder; each method gets a subfolder.")] = "runs/compare",
     target_loss: Annotated[float | None, typer.Option(help="Count rounds until eval loss ≤ this.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep finished methods in OUT; continue the others "
+                                                          "from their checkpoints.")] = False,
     set_: Sets = None,
 ) -> None:
     """Run several methods with the same seeds, clients and data; print a table and overlay the curves."""
     from .models import load_model
-    from .simulation import prepare
+    from .simulation import CHECKPOINT, prepare
     from .simulation import run as run_simulation
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -127,10 +129,15 @@ def compare(
     for name in names:
         cfg = base.replace(method=name, method_options=base.method_options if name == base.method else {},
                            out=str(root / name))
-        if loaded is None:
-            loaded = load_model(cfg.model, device=cfg.device)
-        pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
-        summary = run_simulation(cfg, setup=prepare(cfg, pristine, loaded[1]))
+        finished = root / name / "summary.json"
+        if resume and finished.is_file() and json.loads(finished.read_text())["rounds"] == cfg.rounds:
+            summary = json.loads(finished.read_text())
+        else:
+            if loaded is None:
+                loaded = load_model(cfg.model, device=cfg.device)
+            pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
+            started = resume and (root / name / CHECKPOINT).is_file()
+            summary = run_simulation(cfg, resume=started, setup=prepare(cfg, pristine, loaded[1]))
         rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         summary.update(report.summarize(rows, cfg, summary["seconds"], summary["peak_rss_mb"], target_loss))
         summaries.append(summary)
