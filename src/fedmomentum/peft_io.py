@@ -126,8 +126,9 @@ def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
 def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None = None) -> None:
     """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for the base at ``base``."""
     config = model.peft_config[ADAPTER]
-    original, config.base_model_name_or_path = config.base_model_name_or_path, (
-        str(base) if base is not None else config.base_model_name_or_path)
+    original = config.base_model_name_or_path
+    if base is not None:
+        config.base_model_name_or_path = str(base)
     try:
         model.save_pretrained(str(folder))
     finally:
