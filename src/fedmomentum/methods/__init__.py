@@ -25,10 +25,11 @@ def names() -> list[str]:
 
 def options(name: str) -> list[str]:
     """The keyword options ``create(name, ...)`` accepts."""
-    cls = get(name)
-    keys = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "common")]
-    return keys + ([p for p in inspect.signature(Method.__init__).parameters if p != "self"]
-                   if "common" in inspect.signature(cls.__init__).parameters else [])
+    own = inspect.signature(get(name).__init__).parameters
+    keys = [p for p in own if p not in ("self", "common")]
+    if "common" in own:  # **common is passed on to Method.__init__
+        keys += [p for p in inspect.signature(Method.__init__).parameters if p != "self"]
+    return keys
 
 
 def get(name: str) -> type[Method]:
