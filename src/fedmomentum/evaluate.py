@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from .data import Example, score
 from .data.formatting import collate, prompt_ids
-from .data.tasks import Example, score
 
 
 @torch.no_grad()

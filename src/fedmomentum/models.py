@@ -183,26 +183,33 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
-def _check_local_folder(path: str | os.PathLike) -> Path:
+def _resolve(path: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """``(folder, gguf_file)`` that transformers loads model and tokenizer from (``gguf_file`` None: a plain folder).
+
+    ``None`` is the default model's cache (built on first use).
+    """
+    if path is None:
+        return build_cache(), None
     folder = Path(path).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"model path does not exist: {folder}")
-    if folder.is_dir() and not (folder / "config.json").is_file():
+    if folder.is_file():
+        if folder.suffix != ".gguf":
+            raise ValueError(f"{folder} is a file but not a .gguf file; pass a model folder")
+        return folder.parent, folder.name
+    if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a HuggingFace model folder (no config.json in it)")
-    return folder
+    return folder, None
+
+
+def _source(gguf_file: str | None) -> dict:
+    return {"gguf_file": gguf_file} if gguf_file else {"local_files_only": True}
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of ``load_model(path)``, without loading the model weights."""
-    if path is None:
-        folder = build_cache()
-        return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
-    folder = _check_local_folder(path)
-    if folder.is_file():
-        if folder.suffix != ".gguf":
-            raise ValueError(f"{folder} is a file but not a .gguf file; pass a model folder")
-        return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name))
-    return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+    folder, gguf_file = _resolve(path)
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), **_source(gguf_file)))
 
 
 def load_model(
@@ -223,21 +230,9 @@ def load_model(
         model, tokenizer = tiny_model(0)
         model.to(device=device, dtype=dtype)
         return model, tokenizer
-    if path is None:
-        folder = build_cache()
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    else:
-        folder = _check_local_folder(path)
-        if folder.is_file():
-            if folder.suffix != ".gguf":
-                raise ValueError(f"{folder} is a file but not a .gguf file; pass a model folder")
-            model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    tokenizer = _prepare_tokenizer(tokenizer)
+    folder, gguf_file = _resolve(path)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **_source(gguf_file))
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), **_source(gguf_file)))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .tasks import Example
+from .example import Example
 
 __all__ = ["IGNORE_INDEX", "collate", "encode", "prompt_ids", "prompt_text"]
 

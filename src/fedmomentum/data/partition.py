@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .tasks import Example
+from .example import Example
 
 __all__ = ["SCHEMES", "family_counts", "partition"]
 
