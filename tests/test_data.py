@@ -325,12 +325,14 @@ def test_encode_truncation(tokenizer):
     ex = _example()
     full = data.encode(ex, tokenizer, max_length=None)
     n_resp = sum(t != -100 for t in full["labels"])
-    # Room for the response: the prompt is cut from the left, the response stays whole.
+    # Room for the response: the user's text is cut from its beginning, the response stays whole.
     budget = 2 * n_resp + 4
     assert budget < len(full["input_ids"])
     enc = data.encode(ex, tokenizer, max_length=budget)
     assert len(enc["input_ids"]) == budget
-    assert enc["input_ids"] == full["input_ids"][-budget:]
+    head = (budget - n_resp) // 2  # the template's start keeps at most half of the prompt's budget
+    assert enc["input_ids"][:head] == full["input_ids"][:head]
+    assert enc["input_ids"][head:] == full["input_ids"][-(budget - head):]
     assert tokenizer.decode([t for t in enc["labels"] if t != -100]) == ex.response + "<|im_end|>"
     # A response longer than half the budget: half stays for the prompt, the response is cut on the right.
     long = _example(response=" ".join(["word"] * 200))
@@ -340,6 +342,22 @@ def test_encode_truncation(tokenizer):
     assert tokenizer.decode(enc["labels"][32:]).strip().startswith("word word")
     with pytest.raises(ValueError):
         data.encode(ex, tokenizer, max_length=1)
+
+
+def test_truncated_examples_start_as_the_template_starts(tokenizer):
+    """Regression (the CUDA round-2 NaN): a cut prompt must not start on an arbitrary token such as <|im_end|>."""
+    examples = data.make_tasks(["gsm_symbolic"], train_size=40, eval_size=0, seed=0)[0]
+    system = data.prompt_ids("x", tokenizer)[:20]  # <|im_start|>system ... of SmolLM2's template
+    cut = 0
+    for example in examples:
+        full = data.encode(example, tokenizer, max_length=None)
+        enc = data.encode(example, tokenizer, max_length=96)
+        cut += len(full["input_ids"]) > 96
+        assert enc["input_ids"][:20] == system
+        response = [t for t in enc["labels"] if t != -100]
+        assert response == [t for t in full["labels"] if t != -100][: len(response)] and response
+        assert tokenizer.decode(enc["input_ids"]).count("<|im_start|>assistant\n") == 1
+    assert cut >= 10  # the case matters: many gsm_symbolic prompts are cut at this length
 
 
 def test_encode_without_chat_template(tokenizer):

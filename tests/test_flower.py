@@ -19,32 +19,55 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from fedmomentum import checkpoint, simulation
+from fedmomentum import build, checkpoint, driver, simulation
 from fedmomentum.config import RunConfig
 from fedmomentum.flower import LoraStrategy, RoundFailed, make_client_app, make_server_app, parse_run_config, wire
 from fedmomentum.flower import client_app as flower_client
 from fedmomentum.peft_io import apply_backbone, get_backbone
+from fedmomentum.records import read_metrics as rows
 from fedmomentum.types import LoraPair, LowRank
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FLOWER = dict(clients=2, clients_per_round=2, train_per_family=16, accuracy_per_family=0)
 
 
-def small_config(tmp_path, name: str, **changes) -> RunConfig:
-    values = dict(model="tiny", method="fedmomentum", rounds=2, clients=2, clients_per_round=2,
-                  families=["basic_arithmetic", "chain_sum"], train_per_family=16, eval_per_family=4, max_length=64,
-                  local_steps=2, batch_size=2, lr=5e-3, lora_r=4, lora_alpha=8, accuracy_per_family=0,
-                  out=str(tmp_path / name))
-    values.update(changes)
-    return RunConfig(**values)
+@pytest.fixture(scope="session")
+def flower_config(small_config):
+    """``flower_config(tmp_path, name, **changes)``: ``small_config`` for two nodes, writing to ``tmp_path/name``."""
+    return lambda tmp_path, name, **changes: small_config(tmp_path / name, **{**FLOWER, **changes})
 
 
-def rows(folder) -> list[dict]:
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+def faulty_client_app(faults: dict[int, str]) -> ClientApp:
+    """The real ClientApp, with a fault on some partitions: ``"raise"`` (the ClientApp fails), ``"nan"`` (a NaN
+    factor in the reply) or ``"keys"`` (a layer the adapter does not have)."""
+    app = ClientApp()
+    app.query()(flower_client.hello)
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        fault = faults.get(int(context.node_config["partition-id"]))
+        if fault == "raise":
+            raise RuntimeError(f"injected failure on partition {context.node_config['partition-id']}")
+        reply = flower_client.train(message, context)
+        factors = reply.content.array_records.get("factors") if reply.has_content() else None
+        if factors is not None and fault == "nan":
+            key = next(iter(factors))
+            factors[key] = Array(np.full(factors[key].shape, np.nan, np.float32))
+        elif factors is not None and fault == "keys":
+            factors["not.a.layer/" + next(iter(factors)).rsplit("/", 1)[1]] = next(iter(factors.values()))
+        return reply
+
+    return app
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's actors get faulty_client_app by value
 
 
 def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint, atol: float = 1e-5) -> None:
@@ -55,11 +78,12 @@ def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint, atol: 
         torch.testing.assert_close(a.lora[name].B, b.lora[name].B, atol=atol, rtol=1e-4)
     for name in a.backbone:
         torch.testing.assert_close(a.backbone[name], b.backbone[name], atol=atol, rtol=1e-4)
-    assert set(a.method_state) == set(b.method_state)
+    assert set(a.held) == set(b.held)
 
 
-def ray_simulation(config: RunConfig, num_supernodes: int, **client_options) -> None:
-    run_simulation(make_server_app(config, min_clients=1, node_timeout=60), make_client_app(**client_options),
+def ray_simulation(config: RunConfig, num_supernodes: int, faults: dict[int, str] | None = None) -> None:
+    client_app = faulty_client_app(faults) if faults else make_client_app()
+    run_simulation(make_server_app(config, min_clients=1, node_timeout=60), client_app,
                    num_supernodes=num_supernodes,
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
 
@@ -129,7 +153,7 @@ class LocalGrid:
                 self.join(action[1], action[2])
             else:
                 self.contexts[action[1]].state = RecordDict()
-                flower_client._reset_worker()
+                flower_client.reset_worker()
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -146,7 +170,7 @@ class LocalGrid:
 
 def node_backbone(context: Context, config: RunConfig, extra=None) -> dict[str, torch.Tensor]:
     """The backbone a node rebuilds from the base model and the deltas in its state (then ``extra``)."""
-    model, _ = flower_client.build_model(config)
+    model, _ = build.peft_model(config)
     log = wire.record_to_deltas(context.state.array_records[flower_client.STATE_LOG])
     for round in sorted(log):
         apply_backbone(model, log[round])
@@ -162,13 +186,13 @@ def run_local(config: RunConfig, grid: LocalGrid, resume: bool = False, **option
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, flower_config):
     """``fedmomentum run`` of ``small_config`` per method (computed once, on first use): its output folder."""
     root, done = tmp_path_factory.mktemp("reference"), {}
 
     def get(method: str) -> Path:
         if method not in done:
-            config = small_config(root, method, method=method)
+            config = flower_config(root, method, method=method)
             simulation.run(config, quiet=True)
             done[method] = Path(config.out)
         return done[method]
@@ -177,14 +201,14 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["fedmomentum", "rolora"])
-def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, tmp_path, reference):
-    config = small_config(tmp_path, "flower", method=method)
+def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, tmp_path, reference, flower_config):
+    config = flower_config(tmp_path, "flower", method=method)
     if method == "fedmomentum":  # a node whose own LoRA init differs notices (digest) and gets the whole adapter
-        worker = flower_client._worker(1, wire.fingerprint(config), config)
+        worker = flower_client.shared_worker(1, wire.fingerprint(config), config)
         worker.initial = {k: LoraPair(v.A + 1e-3, v.B) for k, v in worker.initial.items()}
     run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=1))
-    a = checkpoint.load(reference(method) / simulation.CHECKPOINT)
-    b = checkpoint.load(tmp_path / "flower" / simulation.CHECKPOINT)
+    a = checkpoint.load(reference(method) / driver.CHECKPOINT)
+    b = checkpoint.load(tmp_path / "flower" / driver.CHECKPOINT)
     assert_same_state(a, b, atol=0.0)
     sim_rows, flower_rows = rows(reference(method)), rows(tmp_path / "flower")
     assert [r["eval_loss"] for r in sim_rows] == pytest.approx([r["eval_loss"] for r in flower_rows], abs=1e-6)
@@ -199,9 +223,9 @@ def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, t
     assert (tmp_path / "flower" / "summary.json").is_file() and (tmp_path / "flower" / "curves.png").is_file()
 
 
-def test_late_and_restarted_nodes_rebuild_the_same_backbone(tmp_path):
+def test_late_and_restarted_nodes_rebuild_the_same_backbone(tmp_path, flower_config):
     """Partition 2 joins after two rounds; node 100 loses its state and process before round 3."""
-    config = small_config(tmp_path, "late", clients=3, clients_per_round=3, rounds=3)
+    config = flower_config(tmp_path, "late", clients=3, clients_per_round=3, rounds=3)
     grid = LocalGrid(make_client_app(), [0, 1], 3, run_id=2, events={2: [("join", 102, 2), ("restart", 100)]})
     strategy = run_local(config, grid)
     records = rows(config.out)
@@ -209,22 +233,22 @@ def test_late_and_restarted_nodes_rebuild_the_same_backbone(tmp_path):
         ["client-0", "client-1", "client-2"]]
     assert "client-2" in records[1]["failed"] and "no connected node" in records[1]["failed"]["client-2"]
     assert records[3]["resyncs"] == 1  # node 100 said it was at version 0 and got the whole log
-    server = checkpoint.load(Path(config.out) / simulation.CHECKPOINT).backbone
-    assert any(not torch.equal(server[k], v) for k, v in get_backbone(flower_client.build_model(config)[0]).items())
+    server = checkpoint.load(Path(config.out) / driver.CHECKPOINT).backbone
+    assert any(not torch.equal(server[k], v) for k, v in get_backbone(build.peft_model(config)[0]).items())
     for node_id in (100, 101, 102):  # each trained round 3 on version 2; round 3's delta reaches them next time
         assert flower_client.node_version(grid.contexts[node_id], strategy.fingerprint) == 2
-        rebuilt = node_backbone(grid.contexts[node_id], config, extra=strategy.backbone_log[2])
+        rebuilt = node_backbone(grid.contexts[node_id], config, extra=strategy.backbone_log.deltas[2])
         assert all(torch.equal(rebuilt[k], server[k]) for k in server), node_id
 
 
-def test_faulty_replies_are_left_out_and_recorded(tmp_path, caplog):
-    config = small_config(tmp_path, "faults", clients=5, clients_per_round=5, rounds=1)
-    grid = LocalGrid(make_client_app(faults={1: "raise", 2: "nan", 3: "keys"}), [0, 1, 2, 3, 4], 5, run_id=3,
+def test_faulty_replies_are_left_out_and_recorded(tmp_path, caplog, flower_config):
+    config = flower_config(tmp_path, "faults", clients=5, clients_per_round=5, rounds=1)
+    grid = LocalGrid(faulty_client_app({1: "raise", 2: "nan", 3: "keys"}), [0, 1, 2, 3, 4], 5, run_id=3,
                      silent={104})
     seen = []
     strategy = LoraStrategy(config, node_timeout=0.1)
     grid.strategy = strategy
-    strategy.setup = simulation.prepare(config)
+    strategy.setup = build.prepare(config)
     aggregate = strategy.setup.method.aggregate
 
     def spy(lora, updates, **options):
@@ -243,31 +267,32 @@ def test_faulty_replies_are_left_out_and_recorded(tmp_path, caplog):
     assert "no reply within" in record["failed"]["client-4"]
     assert "rejected the update of client-2" in caplog.text and "client-1 failed" in caplog.text
 
-    strict = small_config(tmp_path, "strict", clients=2, clients_per_round=2, rounds=1)
+    strict = flower_config(tmp_path, "strict", clients=2, clients_per_round=2, rounds=1)
     with pytest.raises(RoundFailed, match="fewer than min_clients=2"):
-        run_local(strict, LocalGrid(make_client_app(faults={1: "nan"}), [0, 1], 2, run_id=4), min_clients=2)
+        run_local(strict, LocalGrid(faulty_client_app({1: "nan"}), [0, 1], 2, run_id=4), min_clients=2)
 
 
-def test_resuming_the_server_continues_the_run(tmp_path, reference):
-    part = small_config(tmp_path, "part", rounds=1)
+def test_resuming_the_server_continues_the_run(tmp_path, reference, flower_config):
+    part = flower_config(tmp_path, "part", rounds=1)
     run_local(part, LocalGrid(make_client_app(), [0, 1], 2, run_id=6))
     # a new Flower run (fresh nodes at version 0) continues from the checkpoint and the saved delta log
     resumed = run_local(part.replace(rounds=2), LocalGrid(make_client_app(), [0, 1], 2, run_id=7), resume=True)
-    assert_same_state(checkpoint.load(reference("fedmomentum") / simulation.CHECKPOINT),
-                      checkpoint.load(Path(part.out) / simulation.CHECKPOINT), atol=0.0)
+    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
+                      checkpoint.load(Path(part.out) / driver.CHECKPOINT), atol=0.0)
     assert [r["round"] for r in rows(part.out)] == [0, 1, 2]
-    assert resumed.backbone_log[0] and rows(part.out)[2]["downlink_bytes"] > rows(part.out)[1]["downlink_bytes"]
+    assert resumed.backbone_log.deltas[0] and rows(part.out)[2]["downlink_bytes"] > rows(part.out)[1]["downlink_bytes"]
 
 
 # --- Flower's simulation engine (Ray) ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedmomentum", "fedex-lora"])
-def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference):
-    ray_simulation(small_config(tmp_path, "flower", method=method), num_supernodes=2)
+def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference, flower_config):
+    ray_simulation(flower_config(tmp_path, "flower", method=method), num_supernodes=2)
     assert (tmp_path / "flower" / "summary.json").is_file(), "the Flower run did not finish"
-    assert_same_state(checkpoint.load(reference(method) / simulation.CHECKPOINT),
-                      checkpoint.load(tmp_path / "flower" / simulation.CHECKPOINT))
+    assert_same_state(checkpoint.load(reference(method) / driver.CHECKPOINT),
+                      checkpoint.load(tmp_path / "flower" / driver.CHECKPOINT))
     sim_rows, flower_rows = rows(reference(method)), rows(tmp_path / "flower")
     assert [r["eval_loss"] for r in flower_rows] == pytest.approx([r["eval_loss"] for r in sim_rows], abs=1e-4)
     # no resync: the simulation engine keeps each node's context (its backbone version and deltas) between rounds
@@ -278,8 +303,9 @@ def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference):
                                                                             for r in flower_rows[1:])
 
 
-def test_ray_simulation_survives_a_raising_and_a_nan_client(tmp_path):
-    config = small_config(tmp_path, "faults", clients=3, clients_per_round=3, rounds=1)
+@pytest.mark.slow
+def test_ray_simulation_survives_a_raising_and_a_nan_client(tmp_path, flower_config):
+    config = flower_config(tmp_path, "faults", clients=3, clients_per_round=3, rounds=1)
     ray_simulation(config, num_supernodes=3, faults={1: "raise", 2: "nan"})
     record = rows(config.out)[1]
     assert record["client_ids"] == ["client-0"]
@@ -347,6 +373,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
                     reason="the Flower binaries (flower-superlink, flower-supernode, flwr) are not installed")
 def test_deployment_on_loopback(tmp_path, reference):
@@ -409,7 +436,7 @@ def test_deployment_on_loopback(tmp_path, reference):
     assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] for r in records[1:])
     assert records[1]["uplink_bytes"] > 0 and records[2]["resyncs"] == 0
     assert records[2]["downlink_bytes"] > records[1]["downlink_bytes"]  # round 1's backbone delta went out
-    assert_same_state(checkpoint.load(reference("fedmomentum") / simulation.CHECKPOINT),
-                      checkpoint.load(out / simulation.CHECKPOINT))
+    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
+                      checkpoint.load(out / driver.CHECKPOINT))
     assert all(process.poll() is not None for process in processes)
     shutil.rmtree(home, ignore_errors=True)

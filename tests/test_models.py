@@ -28,6 +28,7 @@ def _sample_ids(tokenizer) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
+@pytest.mark.slow
 def test_cache_build_and_reload_match_gguf(gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDMOMENTUM_CACHE", str(tmp_path))
     g_model, g_tok = gguf
@@ -66,6 +67,7 @@ def test_cache_build_and_reload_match_gguf(gguf, tmp_path, monkeypatch):
     assert models.load_tokenizer().pad_token == tok.pad_token
 
 
+@pytest.mark.slow
 def test_cache_build_is_atomic(gguf, tmp_path, monkeypatch):
     target = tmp_path / CACHE_NAME
 

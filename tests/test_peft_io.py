@@ -83,3 +83,39 @@ def test_lora_layers_needs_lora(tiny_model):
 
     model = get_peft_model(copy.deepcopy(tiny_model[0]), LoraConfig(r=2, target_modules=["q_proj"]))
     assert len(lora_layers(model)) == tiny_model[0].config.num_hidden_layers
+
+
+def test_conv1d_layers_of_gpt2_get_the_weighted_average_of_the_client_models():
+    """GPT-2 stores ``c_attn``/``c_proj`` as ``Conv1D`` (weight ``in×out``, PEFT's ``fan_in_fan_out``): the backbone
+    delta must go in transposed. Reference: PEFT's own ``get_delta_weight`` of each client's adapter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=24, n_layer=2, n_head=2))
+    model = add_lora(base, r=3, alpha=6, target_modules=["c_attn", "c_proj"], seed=1)
+    layers = lora_layers(model)
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"} <= set(layers)
+    assert all(layer.fan_in_fan_out for layer in layers.values())
+    global_lora = get_lora(model)
+    updates = [fm.ClientUpdate(random_lora(model, seed), num_examples=n) for seed, n in ((1, 3), (2, 5), (3, 9))]
+    weights = [3 / 17, 5 / 17, 9 / 17]
+
+    def effective(name):  # the layer's weight as the model uses it, oriented like the stored W
+        return layers[name].get_base_layer().weight + layers[name].get_delta_weight("default")
+
+    before = get_backbone(model)
+    expected = {}
+    for name in layers:
+        total = 0
+        for p, update in zip(weights, updates, strict=True):
+            set_lora(model, update.factors)
+            total = total + p * effective(name).detach()
+        expected[name] = total
+    result = fm.methods.create("fedmomentum").aggregate(global_lora, updates, scaling=scaling(model))
+    set_lora(model, global_lora)
+    assert all(torch.equal(get_backbone(model)[k], before[k]) for k in before)
+    apply_backbone(model, result.backbone)
+    set_lora(model, result.lora)
+    for name in layers:
+        torch.testing.assert_close(effective(name).detach(), expected[name], atol=1e-5, rtol=1e-5)

@@ -70,17 +70,19 @@ def assert_same_aggregate(a: fm.Aggregate, b: fm.Aggregate):
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_pending_residual_is_released_every_k_rounds(k):
+def test_held_residual_is_released_every_k_rounds(k):
     method = fm.methods.create("fedmomentum", merge_every=k)
     assert not method.exact
     history = run(method, 2 * k)
     for t, (_, _, agg) in enumerate(history):
         if (t + 1) % k:
             assert not agg.backbone
-            assert all(s["pending_rank"] > 0 for s in agg.stats["layers"].values())
+            assert all(s["held_rank"] > 0 for s in agg.stats["layers"].values())
+            assert set(agg.held) == set(SHAPES)  # the state to checkpoint travels with the result
+            assert all(agg.held[n].rank == s["held_rank"] for n, s in agg.stats["layers"].items())
         else:
             assert set(agg.backbone) == set(SHAPES)
-            assert all("pending_rank" not in s for s in agg.stats["layers"].values())
+            assert all("held_rank" not in s for s in agg.stats["layers"].values()) and not agg.held
     assert method.state_dict() == {}  # everything went out at the end of the second cycle
 
 
@@ -148,9 +150,9 @@ def test_load_state_dict_rejects_foreign_state():
     with pytest.raises(ValueError, match="unexpected state keys"):
         method.load_state_dict({"momentum.x": torch.zeros(1)})
     with pytest.raises(ValueError, match="missing"):
-        method.load_state_dict({"pending.layer.left": torch.zeros(2, 1)})
+        method.load_state_dict({"held.layer.left": torch.zeros(2, 1)})
     with pytest.raises(ValueError, match="keeps no state"):
-        fm.methods.create("fedit").load_state_dict({"pending.layer.left": torch.zeros(2, 1)})
+        fm.methods.create("fedit").load_state_dict({"held.layer.left": torch.zeros(2, 1)})
     fm.methods.create("fedit").load_state_dict({})
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: one safetensors file holding the round, adapter, changed backbone weights and method state.
+"""Checkpoints: one safetensors file holding the round, adapter, adapted backbone weights and the method's held deltas.
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .types import LoraPair
+from .types import LoraPair, LowRank
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Checkpoint:
     round: int  # the last completed round (0-based)
     lora: dict[str, LoraPair]
     backbone: dict[str, torch.Tensor]  # the adapted layers' base weights
-    method_state: dict[str, torch.Tensor]
+    held: dict[str, LowRank]  # deltas the method holds back for a later round (``Aggregate.held``)
     info: dict  # JSON-able: config, records needed to continue
 
 
@@ -33,7 +33,9 @@ def save(path: str | Path, checkpoint: Checkpoint) -> None:
         tensors[f"lora.A.{name}"] = pair.A.contiguous()
         tensors[f"lora.B.{name}"] = pair.B.contiguous()
     tensors.update({f"backbone.{name}": w.contiguous() for name, w in checkpoint.backbone.items()})
-    tensors.update({f"method.{key}": t.contiguous() for key, t in checkpoint.method_state.items()})
+    for name, delta in checkpoint.held.items():
+        tensors[f"held.L.{name}"] = delta.left.contiguous()
+        tensors[f"held.R.{name}"] = delta.right.contiguous()
     metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1"}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -56,11 +58,14 @@ def load(path: str | Path) -> Checkpoint:
         round_, info = int(metadata["round"]), json.loads(metadata["info"])
     except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
         raise ValueError(f"corrupt or unreadable checkpoint {path}: {error}") from None
-    lora_names = {key[len("lora.A."):] for key in tensors if key.startswith("lora.A.")}
     try:
-        lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in lora_names}
+        lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in _names(tensors, "lora.A.")}
+        held = {n: LowRank(tensors[f"held.L.{n}"], tensors[f"held.R.{n}"]) for n in _names(tensors, "held.L.")}
     except KeyError as missing:
         raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
-    return Checkpoint(round_, lora, backbone, method_state, info)
+    return Checkpoint(round_, lora, backbone, held, info)
+
+
+def _names(tensors: dict, prefix: str) -> list[str]:
+    return [key[len(prefix):] for key in tensors if key.startswith(prefix)]

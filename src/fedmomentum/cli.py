@@ -109,8 +109,8 @@ def compare(
     set_: Sets = None,
 ) -> None:
     """Run several methods with the same seeds, clients and data; print a table and overlay the curves."""
+    from .driver import CHECKPOINT
     from .models import load_model
-    from .simulation import CHECKPOINT, prepare
     from .simulation import run as run_simulation
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -137,7 +137,7 @@ def compare(
                 loaded = load_model(cfg.model, device=cfg.device)
             pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
             started = resume and (root / name / CHECKPOINT).is_file()
-            summary = run_simulation(cfg, resume=started, setup=prepare(cfg, pristine, loaded[1]))
+            summary = run_simulation(cfg, model=pristine, tokenizer=loaded[1], resume=started)
         rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         summary.update(report.summarize(rows, cfg, summary["seconds"], summary["peak_rss_mb"], target_loss))
         summaries.append(summary)

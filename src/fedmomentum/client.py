@@ -30,20 +30,6 @@ class TrainConfig:
     bf16: bool = False
 
 
-def round_lr(base_lr: float, schedule: str, round: int, rounds: int, min_ratio: float = 0.1) -> float:
-    """The learning rate of a round: ``constant``, or ``cosine`` / ``linear`` decay to ``min_ratio·lr`` over rounds."""
-    if schedule == "constant" or rounds <= 1:
-        return base_lr
-    progress = round / (rounds - 1)
-    if schedule == "cosine":
-        factor = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    elif schedule == "linear":
-        factor = 1 - (1 - min_ratio) * progress
-    else:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant, cosine or linear")
-    return base_lr * factor
-
-
 def batches(num_examples: int, cfg: TrainConfig, generator: torch.Generator):
     """Index lists for ``local_steps × grad_accum`` micro-batches, walking seeded permutations (epochs)."""
     order: list[int] = []
@@ -88,8 +74,11 @@ def train_client(
         (loss / cfg.grad_accum).backward()
         losses.append(loss.item())
         if (step + 1) % cfg.grad_accum == 0:
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if not math.isfinite(norm.item()):
+                raise FloatingPointError(f"client {client_id!r}, step {step // cfg.grad_accum + 1}: the gradient is "
+                                         f"not finite (loss {losses[-1]:.4g}); lower lr, or check the model's "
+                                         "weights and the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()

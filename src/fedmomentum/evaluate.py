@@ -53,3 +53,17 @@ def family_accuracy(model: PreTrainedModel, tokenizer, examples: dict[str, list[
                 scores.append(score(example, tokenizer.decode(row, skip_special_tokens=True)))
         accuracy[family] = sum(scores) / max(len(scores), 1)
     return accuracy
+
+
+def evaluate(setup, accuracy: bool) -> dict:
+    """``eval_loss`` (the mean over families), ``loss/<family>`` and, when asked, ``accuracy`` and
+    ``accuracy/<family>`` of the server's model on the run's held-out data (``build.Setup``)."""
+    config = setup.config
+    losses = family_losses(setup.model, setup.eval_data, pad_id=setup.tokenizer.pad_token_id)
+    record = {"eval_loss": sum(losses.values()) / len(losses), **{f"loss/{f}": v for f, v in losses.items()}}
+    if accuracy and config.accuracy_per_family:
+        scores = family_accuracy(setup.model, setup.tokenizer, setup.accuracy_examples,
+                                 max_new_tokens=config.max_new_tokens)
+        record["accuracy"] = sum(scores.values()) / len(scores)
+        record.update({f"accuracy/{family}": value for family, value in scores.items()})
+    return record

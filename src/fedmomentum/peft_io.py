@@ -91,6 +91,12 @@ def set_trainable(model: PeftModel, trainable: dict[str, bool]) -> list[torch.nn
     return params
 
 
+def _oriented(layer: LoraLayer, delta: LowRank) -> LowRank:
+    """``delta`` (an ``out×in`` matrix) in the orientation of the layer's stored weight: ``in×out`` for GPT-2's
+    ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+    return LowRank(delta.right.mT, delta.left.mT) if getattr(layer, "fan_in_fan_out", False) else delta
+
+
 @torch.no_grad()
 def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
     """``W += left @ right`` for each layer, in place, accumulating in float32 whatever the model's dtype."""
@@ -100,9 +106,10 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
         raise ValueError(f"backbone deltas for layers the model does not adapt: {unknown[:3]}")
     for name, delta in deltas.items():
         weight = layers[name].get_base_layer().weight
-        if weight.shape != delta.shape:
+        stored = _oriented(layers[name], delta)
+        if weight.shape != stored.shape:
             raise ValueError(f"layer {name!r}: backbone delta {delta.shape} does not fit weight {tuple(weight.shape)}")
-        left, right = delta.left.to(weight.device, torch.float32), delta.right.to(weight.device, torch.float32)
+        left, right = stored.left.to(weight.device, torch.float32), stored.right.to(weight.device, torch.float32)
         if weight.dtype == torch.float32:
             weight.addmm_(left, right)
         else:
@@ -147,15 +154,10 @@ def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge
     if merge:
         for name, layer in lora_layers(model).items():
             weight = state[f"{name}.weight"]
-            state[f"{name}.weight"] = (weight.float() + _dense_lora(layer).cpu()).to(weight.dtype)
+            delta = layer.get_delta_weight(ADAPTER).detach().float().cpu()  # PEFT's s·B·A, oriented like W
+            state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
     plain = type(base)(base.config)
     plain.load_state_dict(state, strict=True)
     plain.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-
-
-def _dense_lora(layer: LoraLayer) -> torch.Tensor:
-    A = layer.lora_A[ADAPTER].weight.detach().float()
-    B = layer.lora_B[ADAPTER].weight.detach().float()
-    return layer.scaling[ADAPTER] * (B @ A)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 
@@ -72,10 +73,43 @@ class ClientUpdate:
     client_id: str = ""
 
 
+class LayerStats(TypedDict, total=False):
+    """What a method reports for one layer (keys a method has no use for are absent)."""
+
+    rank: int  # the adapter's rank after aggregation
+    residual_rank: int  # components merged into the backbone
+    energy: float  # Σσ² of the exact aggregate (SVD methods)
+    energy_dropped: float  # fraction of that energy neither in the adapter nor in the backbone
+    noise_norm: float  # FedIT: ‖s(Σ p_i B_i A_i − B'A')‖_F
+    held_rank: int  # rank of the delta held back for a later round (FedMomentum, merge_every > 1)
+
+
+class RoundStats(TypedDict):
+    """What a method reports for one round: totals over layers and the bytes each client sends and receives."""
+
+    method: str
+    round: int
+    clients: int
+    rank_kept: int
+    residual_rank: int  # total width of the backbone deltas' factors
+    energy_dropped: float
+    noise_norm: float | None
+    uplink_bytes: float  # mean over clients, float32 factors
+    downlink_bytes: int  # per client: the trained factors and the backbone deltas
+    uplink_bytes_per_client: dict[str, int]
+    layers: dict[str, LayerStats]
+
+
 @dataclass
 class Aggregate:
-    """A method's result: the new global adapter, backbone deltas to add to ``W``, and per-round stats."""
+    """A method's result: the new global adapter, backbone deltas to add to ``W``, stats, and what it holds back.
+
+    ``held`` is the method's state after this round: deltas it keeps on the server for a later round (FedMomentum
+    with ``merge_every > 1``; empty for every other method). A checkpoint must keep it (``checkpoint.Checkpoint``
+    takes it from here) or a resumed run loses those deltas.
+    """
 
     lora: dict[str, LoraPair]
     backbone: dict[str, LowRank] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+    stats: RoundStats = field(default_factory=dict)  # type: ignore[assignment]
+    held: dict[str, LowRank] = field(default_factory=dict)

@@ -63,13 +63,39 @@ def prompt_ids(example: Example | str, tokenizer: Any) -> list[int]:
     return _tokens(tokenizer, prompt_text(example, tokenizer), special)
 
 
+def _head_length(ids: list[int], example: Example, tokenizer: Any) -> int:
+    """How many of the prompt's ``ids`` come before the user's text: the template's start (BOS, system turn,
+    user header)."""
+    text = prompt_text(example, tokenizer)
+    start = text.rfind(example.prompt) if example.prompt else len(text)
+    head = _tokens(tokenizer, text[: max(start, 0)], not getattr(tokenizer, "chat_template", None))
+    n = 0
+    while n < min(len(head), len(ids)) and head[n] == ids[n]:
+        n += 1
+    return n
+
+
+def _cut_prompt(ids: list[int], keep: int, head: int) -> list[int]:
+    """``keep`` of the prompt's ids: its first ``head`` (at most half of ``keep``) and the rest from its end.
+
+    The user's text loses its beginning; the conversation still starts as the template starts it. (Cutting the
+    prompt's first tokens instead can start a sequence on any token, e.g. an end-of-turn token: with a zero
+    embedding, as random models give the pad token, its hidden state stays zero in every layer and RMSNorm's
+    gradient there, ``1/√eps`` a layer, overflows float32 in a deep model.)
+    """
+    if keep <= 0:
+        return []
+    head = min(head, keep // 2)
+    return ids[:head] + ids[len(ids) - (keep - head) :]
+
+
 def encode(example: Example, tokenizer: Any, max_length: int | None = 512) -> dict[str, list[int]]:
     """``input_ids``, ``labels`` and ``attention_mask`` (lists of ints, unpadded) for one example.
 
-    Labels are -100 on the prompt. When the example is longer than ``max_length`` the prompt is cut from the
-    left (the end of the question and the assistant header stay) so the whole response fits; if the response
-    alone takes more than half of ``max_length``, the prompt keeps (at most) half and the response is cut on
-    the right.
+    Labels are -100 on the prompt. When the example is longer than ``max_length`` the user's text is cut from
+    its beginning (the template's start, the end of the question and the assistant header stay) so the whole
+    response fits; if the response alone takes more than half of ``max_length``, the prompt keeps (at most) half
+    and the response is cut on the right.
     """
     prompt = prompt_text(example, tokenizer)
     p_ids = prompt_ids(example, tokenizer)
@@ -80,7 +106,7 @@ def encode(example: Example, tokenizer: Any, max_length: int | None = 512) -> di
         if len(p_ids) + len(r_ids) > max_length:
             keep_p = max(max_length - len(r_ids), min(len(p_ids), max_length // 2))
             keep_r = max_length - keep_p
-            p_ids = p_ids[len(p_ids) - keep_p :] if keep_p > 0 else []
+            p_ids = _cut_prompt(p_ids, keep_p, _head_length(p_ids, example, tokenizer))
             r_ids = r_ids[:keep_r]
     input_ids = p_ids + r_ids
     labels = [IGNORE_INDEX] * len(p_ids) + r_ids

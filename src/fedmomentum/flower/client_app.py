@@ -23,31 +23,21 @@ applying the logged deltas in order, so every node ends with bit-identical backb
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..build import client_examples, encode_all, peft_model
 from ..client import train_client
 from ..config import RunConfig, from_dict
-from ..data import encode
-from ..models import load_model
-from ..peft_io import add_lora, apply_backbone, get_lora
+from ..peft_io import apply_backbone, get_lora
 from ..types import LoraPair, LowRank
 from . import wire
 
 STATE_NODE = "fedmomentum.node"  # ConfigRecord: backbone version and the config fingerprint it belongs to
 STATE_LOG = "fedmomentum.backbone"  # ArrayRecord: every delta this node applied, keyed like wire.deltas_to_record
 STATE_ADAPTER = "fedmomentum.adapter"  # ArrayRecord: the global adapter of the node's version
-
-
-def build_model(config: RunConfig):
-    """The client's PEFT model, built exactly as ``simulation.prepare`` builds the server's."""
-    model, tokenizer = load_model(config.model, device=config.device)
-    model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
-                     dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
-    return model, tokenizer
 
 
 @dataclass
@@ -64,27 +54,25 @@ class _Worker:
 
     def partition(self, pid: int) -> list[dict]:
         if pid not in self.data:
-            from ..simulation import client_examples  # here: simulation pulls in matplotlib, unused by clients
-
             parts, _ = client_examples(self.config)
-            self.data[pid] = [encode(e, self.tokenizer, self.config.max_length) for e in parts[pid]]
+            self.data[pid] = encode_all(parts[pid], self.tokenizer, self.config)
         return self.data[pid]
 
 
 _WORKER: _Worker | None = None  # one model per process: the backbone is global, so every node can share it
 
 
-def _worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
+def shared_worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
     global _WORKER
     key = (run_id, fp)
     if _WORKER is None or _WORKER.key != key:
         _WORKER = None  # free the old model first
-        model, tokenizer = build_model(config)
+        model, tokenizer = peft_model(config)
         _WORKER = _Worker(key, config, model, tokenizer, initial=get_lora(model))
     return _WORKER
 
 
-def _reset_worker() -> None:
+def reset_worker() -> None:
     global _WORKER
     _WORKER = None
 
@@ -148,7 +136,7 @@ def _resync(message: Message, pid: int, version: int, full_adapter: bool = False
     return Message(RecordDict({"resync": info}), reply_to=message)
 
 
-def train(message: Message, context: Context, fault: str | None = None) -> Message:
+def train(message: Message, context: Context) -> Message:
     """Bring the backbone to the server's version, train the partition from the global adapter, reply."""
     settings = message.content["config"]
     config = from_dict(json.loads(settings["run-config"]))
@@ -161,7 +149,7 @@ def train(message: Message, context: Context, fault: str | None = None) -> Messa
         return _resync(message, pid, 0)
     if version < start:
         return _resync(message, pid, version)
-    worker = _worker(context.run_id, fp, config)
+    worker = shared_worker(context.run_id, fp, config)
     # the global adapter: the factors the message carries, the others as the node last had them
     held = context.state.array_records.get(STATE_ADAPTER)
     held = wire.record_to_lora(held) if version > 0 and held else worker.initial
@@ -181,55 +169,33 @@ def train(message: Message, context: Context, fault: str | None = None) -> Messa
     _save_node(context, fp, end, applied, global_lora)
 
     if worker.version > end:
-        _reset_worker()
-        worker = _worker(context.run_id, fp, config)
+        reset_worker()
+        worker = shared_worker(context.run_id, fp, config)
     for round in range(worker.version, end):
         apply_backbone(worker.model, applied.get(round, {}))
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
-    if fault == "raise":
-        raise RuntimeError(f"injected failure on partition {pid}")
     update, loss = train_client(worker.model, worker.partition(pid), global_lora, trainable, config.train_config(),
                                 lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
                                 pad_id=worker.tokenizer.pad_token_id)
     factors = tuple(f for f in ("A", "B") if trainable[f])
-    if fault == "nan":
-        first = next(iter(update.factors))
-        for f in factors:
-            getattr(update.factors[first], f).fill_(math.nan)
-    sent = wire.lora_to_record(update.factors, factors)
-    if fault == "keys":
-        sent["not.a.layer/" + factors[0]] = next(iter(sent.values()))
     reply = RecordDict({
-        "factors": sent,
+        "factors": wire.lora_to_record(update.factors, factors),
         "metrics": MetricRecord({"num-examples": update.num_examples, "train-loss": float(loss),
                                  "backbone-version": end, "partition-id": pid}),
     })
     return Message(reply, reply_to=message)
 
 
-def make_client_app(faults: dict[int, str] | None = None) -> ClientApp:
-    """A ClientApp. ``faults`` (for tests) maps a partition id to a fault to inject: ``"raise"`` (the ClientApp
-    fails), ``"nan"`` (NaN factors) or ``"keys"`` (an extra layer); a node config key ``fedmomentum-fault`` does the
-    same on a deployed SuperNode."""
-    faults = dict(faults or {})
+def make_client_app() -> ClientApp:
+    """A ClientApp: ``hello`` answers the server's queries, ``train`` its train messages."""
     app = ClientApp()
-
-    @app.query()
-    def _query(message: Message, context: Context) -> Message:
-        return hello(message, context)
-
-    @app.train()
-    def _train(message: Message, context: Context) -> Message:
-        fault = faults.get(int(context.node_config.get("partition-id", -1)))
-        fault = fault or (str(context.node_config["fedmomentum-fault"])
-                          if "fedmomentum-fault" in context.node_config else None)
-        return train(message, context, fault)
-
+    app.query()(hello)
+    app.train()(train)
     return app
 
 
 app = make_client_app()
 
-__all__ = ["app", "build_model", "hello", "make_client_app", "node_version", "train"]
+__all__ = ["app", "hello", "make_client_app", "node_version", "train"]

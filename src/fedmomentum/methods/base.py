@@ -1,4 +1,5 @@
-"""What every aggregation method shares: input checks, client weights, per-layer loop and round stats.
+"""What every aggregation method shares: input checks, client weights, per-layer loop, round stats, held state,
+and the small pieces of maths several methods use (weighted means, stacked products, an adapter from an SVD).
 
 A method sees tensors only. Subclasses implement ``aggregate_layer`` for one layer; the base class checks
 the updates, computes ``p_i``, casts to the aggregation dtype and totals the stats.
@@ -14,10 +15,11 @@ from typing import ClassVar
 import torch
 
 from ..linalg import lowrank_norm, stack
-from ..types import Aggregate, ClientUpdate, LoraPair, LowRank, Tensor, UpdateError
+from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
 
 WIRE_BYTES = 4  # float32 on the wire
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SPLITS = ("balanced", "left")  # how an SVD's singular values go into B and A
 
 
 class Method:
@@ -26,6 +28,7 @@ class Method:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
+    holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
 
     def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0):
         if weighting not in ("examples", "uniform"):
@@ -35,6 +38,7 @@ class Method:
         self.weighting = weighting
         self.dtype = DTYPES[dtype]
         self.seed = seed
+        self.held: dict[str, LowRank] = {}  # deltas held back for a later round: the state between rounds
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -64,15 +68,29 @@ class Method:
             if delta is not None and delta.rank > 0:
                 backbone[name] = delta
             per_layer[name] = stats
-        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, round))
+        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, round), dict(self.held))
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Server-side state as a flat dict of tensors (safetensors-ready); stateless methods return ``{}``."""
-        return {}
+        """The held deltas as a flat dict of tensors (safetensors-ready); ``{}`` when nothing is held."""
+        state = {}
+        for name, delta in self.held.items():
+            state[f"held.{name}.left"] = delta.left.clone(memory_format=torch.contiguous_format)
+            state[f"held.{name}.right"] = delta.right.clone(memory_format=torch.contiguous_format)
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
+        """Restore what ``state_dict`` returned (for resuming a run)."""
+        if state and not self.holds_state:
             raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)[:5]}")
+        unknown = [key for key in state if not key.startswith("held.")]
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected state keys {unknown[:5]}")
+        names = {key[len("held."):].rsplit(".", 1)[0] for key in state}
+        try:
+            self.held = {n: LowRank(state[f"held.{n}.left"].to(self.dtype), state[f"held.{n}.right"].to(self.dtype))
+                         for n in names}
+        except KeyError as missing:
+            raise ValueError(f"{self.name}: state is missing {missing}") from None
 
     # --- for subclasses -----------------------------------------------------------------------------
 
@@ -84,7 +102,7 @@ class Method:
         weights: list[float],
         scaling: float,
         round: int,
-    ) -> tuple[LoraPair, LowRank | None, dict]:
+    ) -> tuple[LoraPair, LowRank | None, LayerStats]:
         raise NotImplementedError
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
@@ -136,7 +154,7 @@ class Method:
                     if not _finite(X):
                         raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
-    def round_stats(self, per_layer, lora, backbone, updates, round) -> dict:
+    def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
         """Totals over layers, plus what each client sends and receives (float32 bytes)."""
         trained = self.trainable(round)
         uplink = {
@@ -151,7 +169,7 @@ class Method:
         noises = [s["noise_norm"] for s in per_layer.values() if s.get("noise_norm") is not None]
         energy = sum(s.get("energy", 0.0) for s in per_layer.values())
         dropped = sum(s.get("energy", 0.0) * s.get("energy_dropped", 0.0) for s in per_layer.values())
-        return {
+        return RoundStats(**{
             "method": self.name,
             "round": round,
             "clients": len(updates),
@@ -163,7 +181,7 @@ class Method:
             "downlink_bytes": downlink,
             "uplink_bytes_per_client": uplink,
             "layers": per_layer,
-        }
+        })
 
 
 def _finite(X: Tensor) -> bool:
@@ -188,3 +206,21 @@ def fedit_noise(clients: list[LoraPair], weights: list[float], new: LoraPair, sc
     """``‖s(Σ p_i B_i A_i − B'A')‖_F``: what averaging the factors separately gets wrong."""
     exact = product_sum(clients, weights, scaling)
     return lowrank_norm(torch.cat([exact.left, -scaling * new.B], 1), torch.cat([exact.right, new.A], 0))
+
+
+def adapter_from_svd(US: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str, fresh_A) -> LoraPair:
+    """Rank-``rank`` factors with ``B A = U S Vh`` for the given components (``US = U S``, all ``S > 0``).
+
+    ``split="balanced"`` puts ``√S`` on each side, ``"left"`` all of ``S`` on ``B``. Slots beyond the given
+    components (missing or numerically zero ones) get ``B`` column 0 and a fresh ``A`` row (``fresh_A(n)``,
+    like a LoRA init), so they stay trainable instead of being stuck at ``A = B = 0``.
+    """
+    if split == "balanced":
+        root = S.sqrt()
+        B, A = US / root, root[:, None] * Vh
+    else:
+        B, A = US, Vh
+    if len(S) < rank:
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - len(S))], 1)
+        A = torch.cat([A, fresh_A(rank - len(S)).to(A)], 0)
+    return LoraPair(A.contiguous(), B.contiguous())

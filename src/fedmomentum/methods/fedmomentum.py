@@ -16,27 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
-from ..types import LoraPair, LowRank, Tensor
-from .base import Method
-
-SPLITS = ("balanced", "left")
-
-
-def adapter_from_svd(US: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str, fresh_A) -> LoraPair:
-    """Rank-``rank`` factors with ``B A = U S Vh`` for the given components (``US = U S``, all ``S > 0``).
-
-    Slots beyond the given components (missing or numerically zero ones) get ``B`` column 0 and a fresh ``A``
-    row (``fresh_A(n)``, like a LoRA init), so they stay trainable instead of being stuck at ``A = B = 0``.
-    """
-    if split == "balanced":
-        root = S.sqrt()
-        B, A = US / root, root[:, None] * Vh
-    else:
-        B, A = US, Vh
-    if len(S) < rank:
-        B = torch.cat([B, B.new_zeros(B.shape[0], rank - len(S))], 1)
-        A = torch.cat([A, fresh_A(rank - len(S)).to(A)], 0)
-    return LoraPair(A.contiguous(), B.contiguous())
+from ..types import LowRank
+from .base import SPLITS, Method, adapter_from_svd
 
 
 class FedMomentum(Method):
@@ -44,6 +25,7 @@ class FedMomentum(Method):
 
     name = "fedmomentum"
     mixed_ranks = True
+    holds_state = True  # with merge_every > 1, residuals wait on the server (``held``)
 
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
                  merge_every: int = 1, svd: str = "factored", **common):
@@ -58,7 +40,6 @@ class FedMomentum(Method):
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
         self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
         self.merge_every, self.svd = merge_every, svd
-        self.pending: dict[str, LowRank] = {}  # residuals held on the server until the next release
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
@@ -93,34 +74,16 @@ class FedMomentum(Method):
             "energy_dropped": dropped / energy if energy > 0 else 0.0,
         }
         residual = self._hold_or_release(name, residual, round)
-        if name in self.pending:
-            stats["pending_rank"] = self.pending[name].rank
+        if name in self.held:
+            stats["held_rank"] = self.held[name].rank
         return new, residual, stats
 
     def _hold_or_release(self, name: str, residual: LowRank | None, round: int) -> LowRank | None:
         """With ``merge_every = k`` residuals wait on the server and go out together after every ``k``-th round."""
-        if name in self.pending:
-            held = self.pending.pop(name)
+        if name in self.held:
+            held = self.held.pop(name)
             residual = held if residual is None else compress(held + residual)
         if residual is None or (round + 1) % self.merge_every == 0:
             return residual
-        self.pending[name] = residual
+        self.held[name] = residual
         return None
-
-    def state_dict(self):
-        state = {}
-        for name, delta in self.pending.items():
-            state[f"pending.{name}.left"] = delta.left.clone(memory_format=torch.contiguous_format)
-            state[f"pending.{name}.right"] = delta.right.clone(memory_format=torch.contiguous_format)
-        return state
-
-    def load_state_dict(self, state):
-        unknown = [key for key in state if not key.startswith("pending.")]
-        if unknown:
-            raise ValueError(f"fedmomentum: unexpected state keys {unknown[:5]}")
-        names = {key[len("pending."):].rsplit(".", 1)[0] for key in state}
-        try:
-            self.pending = {n: LowRank(state[f"pending.{n}.left"].to(self.dtype),
-                                       state[f"pending.{n}.right"].to(self.dtype)) for n in names}
-        except KeyError as missing:
-            raise ValueError(f"fedmomentum: state is missing {missing}") from None

@@ -6,8 +6,7 @@ Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energ
 from __future__ import annotations
 
 from ..linalg import SVD_KINDS, ProductSVD, numerical_rank, stack
-from .base import Method
-from .fedmomentum import SPLITS, adapter_from_svd
+from .base import SPLITS, Method, adapter_from_svd
 
 
 class FlexLoRA(Method):

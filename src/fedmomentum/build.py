@@ -1,0 +1,69 @@
+"""Everything a run needs, built from its config: the PEFT model, the method, the clients' data, the held-out data.
+
+The simulation, the Flower ServerApp and every Flower ClientApp build their model and data here, so they all
+start from the same weights, the same LoRA init and the same examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import PeftModel
+
+from . import methods
+from .config import RunConfig
+from .data import Example, by_family, encode, load_gsm8k_test, load_jsonl, make_tasks, partition
+from .models import load_model
+from .peft_io import add_lora, scaling
+
+
+@dataclass
+class Setup:
+    """The server side of a run: the model it holds, the method, and the data it evaluates on."""
+
+    config: RunConfig
+    model: PeftModel
+    tokenizer: object
+    method: methods.Method
+    scaling: float
+    eval_data: dict[str, list[dict]]  # encoded held-out examples per family
+    accuracy_examples: dict[str, list[Example]]
+
+
+def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
+    """The base model (loaded from ``config.model`` unless given) wrapped with the run's seeded LoRA adapter."""
+    if model is None:
+        model, tokenizer = load_model(config.model, device=config.device)
+    model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
+                     dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
+    return model, tokenizer
+
+
+def client_examples(config: RunConfig) -> tuple[list[list[Example]], dict[str, list[Example]]]:
+    """The seeded training partition (one list per client) and the held-out examples per family."""
+    train, held_out = make_tasks(config.families, config.train_per_family, config.eval_per_family, config.seed)
+    for path in config.jsonl:
+        train += load_jsonl(path)
+    parts = partition(train, config.clients, config.partition, alpha=config.alpha, seed=config.seed)
+    return parts, by_family(held_out)
+
+
+def encode_all(examples: list[Example], tokenizer, config: RunConfig) -> list[dict]:
+    return [encode(e, tokenizer, config.max_length) for e in examples]
+
+
+def prepare(config: RunConfig, model=None, tokenizer=None,
+            held_out: dict[str, list[Example]] | None = None) -> Setup:
+    """The server's ``Setup``: the PEFT model, the method, and the encoded held-out data (``held_out``, or the
+    config's own held-out examples)."""
+    config.validate()
+    model, tokenizer = peft_model(config, model, tokenizer)
+    method = methods.create(config.method, **{"weighting": config.weighting, "seed": config.seed,
+                                               **config.method_options})
+    if held_out is None:
+        held_out = client_examples(config)[1]
+    eval_data = {family: encode_all(items, tokenizer, config) for family, items in held_out.items()}
+    accuracy_examples = {family: items[: config.accuracy_per_family] for family, items in held_out.items()}
+    if config.gsm8k_eval:
+        accuracy_examples["gsm8k"] = load_gsm8k_test()[: config.gsm8k_eval]
+    return Setup(config, model, tokenizer, method, scaling(model), eval_data, accuracy_examples)

@@ -1,0 +1,163 @@
+"""The one run loop every engine shares: resume, rounds, evaluation, records, checkpoint, summary and exports.
+
+An engine trains the sampled clients of a round (in this process, or over Flower) and returns their updates; the
+driver aggregates them with the method, updates the server's model, evaluates on schedule, appends a line to
+``metrics.jsonl`` and ``aggregation.jsonl``, writes the checkpoint, and after the last round writes the summary,
+the curves and the exports. A change to any of these is made here, once, for every engine.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import checkpoint, report
+from .build import Setup
+from .evaluate import evaluate
+from .peft_io import apply_backbone, export_adapter, export_merged, get_backbone, get_lora, set_backbone, set_lora
+from .records import Records
+from .schedule import round_lr
+from .types import Aggregate, ClientUpdate, LoraPair
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class ClientRound:
+    """What an engine returns for one round: the usable updates (sorted by client) and what it measured."""
+
+    updates: list[ClientUpdate]
+    losses: list[float]  # each update's mean training loss
+    record: dict = field(default_factory=dict)  # extra fields for the round's metrics.jsonl line
+
+
+class Engine:
+    """Trains the sampled clients of a round. The hooks let an engine keep files of its own beside the checkpoint."""
+
+    name = "simulation"
+    progress_bar = True  # a tqdm bar over rounds (else only the per-round lines)
+
+    def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
+                    lr: float) -> ClientRound:
+        raise NotImplementedError
+
+    def restore(self, out: Path, done: int) -> None:
+        """Resuming after round ``done``: reload what the engine saved in ``out``."""
+
+    def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
+                    out: Path) -> None:
+        """The round's aggregate is applied to the server's model; called before the round is recorded and
+        checkpointed (an engine may add to ``record``)."""
+
+    def finish(self, summary: dict, rows: list[dict]) -> None:
+        """Adjust the run's summary before it is written."""
+
+    def log(self, line: str) -> None:
+        tqdm.write(line)
+
+
+def comparable(config) -> dict:
+    """The config fields that must match to resume (output, export, device and the number of rounds may change)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("out", "export_merged", "device", "rounds")}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def restore(setup: Setup, out: Path) -> int:
+    """Load the checkpoint in ``out`` into the server's model and method; returns the rounds it holds."""
+    state = checkpoint.load(out / CHECKPOINT)
+    if state.info.get("config") != comparable(setup.config):
+        raise ValueError(f"{out / CHECKPOINT} was written by a different config; resume with the same one")
+    set_backbone(setup.model, state.backbone)
+    set_lora(setup.model, state.lora)
+    setup.method.held = state.held
+    return state.round
+
+
+def aggregate(setup: Setup, global_lora: dict[str, LoraPair], updates: list[ClientUpdate],
+              round: int) -> tuple[Aggregate, float]:
+    """Aggregate ``updates`` with the method and apply the result to the server's model; also the seconds it took."""
+    started = time.perf_counter()
+    result = setup.method.aggregate(global_lora, updates, scaling=setup.scaling, round=round)
+    seconds = time.perf_counter() - started
+    apply_backbone(setup.model, result.backbone)
+    set_lora(setup.model, result.lora)
+    return result, seconds
+
+
+def run_round(setup: Setup, engine: Engine, global_lora: dict[str, LoraPair], round: int) -> tuple[Aggregate, dict]:
+    """Train the round's clients through ``engine``, aggregate, update the server's model; returns the record."""
+    config, started = setup.config, time.perf_counter()
+    lr = round_lr(config.lr, config.lr_schedule, round, config.rounds)
+    trained = engine.train_round(round, global_lora, setup.method.trainable(round), lr)
+    result, seconds = aggregate(setup, global_lora, trained.updates, round)
+    stats = {k: v for k, v in result.stats.items() if k not in ("layers", "round", "method")}
+    record = {
+        "round": round + 1,
+        "method": config.method,
+        "client_ids": [u.client_id for u in trained.updates],
+        "lr": lr,
+        "train_loss": sum(trained.losses) / len(trained.losses),
+        **stats,
+        "aggregation_seconds": seconds,
+        **trained.record,
+    }
+    record["round_seconds"] = time.perf_counter() - started
+    return result, record
+
+
+def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) every round; returns the summary."""
+    config = setup.config
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    done = restore(setup, out) if resume else 0
+    if resume:
+        engine.restore(out, done)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    records = Records(out, keep_rounds=done if resume else None)
+    log = (lambda _: None) if quiet else engine.log
+    if not resume:
+        records.append({"round": 0, "method": config.method, **evaluate(setup, accuracy=config.accuracy_every > 0)})
+    log(f"{config.method}: {config.rounds} rounds, {config.clients_per_round}/{config.clients} clients a round, "
+        f"out={out}" + (f", resuming after round {done}" if resume else ""))
+    global_lora = get_lora(setup.model)
+    rounds = range(done, config.rounds)
+    if engine.progress_bar and not quiet:
+        rounds = tqdm(rounds, desc=config.method, unit="round", initial=done, total=config.rounds)
+    for round in rounds:
+        previous = global_lora
+        result, record = run_round(setup, engine, global_lora, round)
+        global_lora = result.lora
+        last = round + 1 == config.rounds
+        if (round + 1) % config.eval_every == 0 or last:
+            due = config.accuracy_every and (round + 1) % config.accuracy_every == 0
+            record.update(evaluate(setup, accuracy=bool(due) or last))
+        engine.after_round(round, previous, result, record, out)
+        records.append(record, result.stats["layers"])
+        checkpoint.save(out / CHECKPOINT, checkpoint.Checkpoint(
+            round + 1, global_lora, get_backbone(setup.model), result.held, {"config": comparable(config)}))
+        log(report.round_line(record))
+    summary = report.summarize(records.rows, config, seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    engine.finish(summary, records.rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.plot_curves(records.rows, out / "curves.png", title=config.method)
+    export(setup, out, backbone_changed=any(row.get("residual_rank") for row in records.rows))
+    return summary
+
+
+def export(setup: Setup, out: Path, backbone_changed: bool) -> None:
+    """``adapter/`` (and ``base/`` when the backbone changed: the adapter belongs to it), ``merged/`` on request."""
+    if backbone_changed:
+        export_merged(setup.model, out / "base", setup.tokenizer, merge=False)
+    export_adapter(setup.model, out / "adapter", base=(out / "base").resolve() if backbone_changed else None)
+    if setup.config.export_merged:
+        export_merged(setup.model, out / "merged", setup.tokenizer)
