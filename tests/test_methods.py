@@ -1,4 +1,4 @@
-"""The seven aggregation methods against dense numpy float64 references.
+"""The aggregation methods against dense numpy float64 references.
 
 For every case the reference is built here from the clients' factors alone: the exact aggregate
 ``s · Σ p_i B_i A_i`` as a dense matrix, and its SVD from ``numpy.linalg.svd``.
@@ -366,6 +366,7 @@ def test_round_stats():
 def test_all_zero_products(name):
     """Clients that did not move B off zero (a layer nobody trained): nothing to merge, nothing breaks."""
     global_lora, updates = make_round(26, 20, 16, [3] * 3, 3)
+    global_lora = {layer: fm.LoraPair(pair.A, torch.zeros_like(pair.B)) for layer, pair in global_lora.items()}
     for u in updates:
         for layer, pair in list(u.factors.items()):
             u.factors[layer] = fm.LoraPair(global_lora[layer].A.clone(), torch.zeros_like(pair.B))
@@ -374,3 +375,224 @@ def test_all_zero_products(name):
     for layer in global_lora:
         assert torch.all(agg.lora[layer].B == 0) and torch.isfinite(agg.lora[layer].A).all()
         assert agg.lora[layer].A.shape == global_lora[layer].A.shape
+
+
+# --- FRLoRA ----------------------------------------------------------------------------------------------------
+
+
+def backbone_weights(seed, global_lora):
+    """Full-rank "pre-trained" weights with a decaying spectrum, one per layer (``out×in``, float32)."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer, pair in global_lora.items():
+        d, k = pair.shape
+        U, _ = np.linalg.qr(rng.standard_normal((d, min(d, k))))
+        V, _ = np.linalg.qr(rng.standard_normal((k, min(d, k))))
+        S = 3.0 * 0.7 ** np.arange(min(d, k))
+        weights[layer] = torch.tensor((U * S) @ V.T, dtype=torch.float32)
+    return weights
+
+
+@pytest.mark.parametrize("init_svd, tol", [("dense", F32), ("randomized", 1e-3)])
+def test_frlora_starts_from_the_principal_part_of_the_weights(init_svd, tol):
+    global_lora, _ = make_round(30, 24, 18, [3], 3)
+    weights = backbone_weights(30, global_lora)
+    method = fm.methods.create("frlora", init_svd=init_svd)
+    assert method.uses_backbone and not method.exact
+    start = method.start(global_lora, weights, scaling=SCALING)
+    for layer, W in weights.items():
+        W64 = np64(W)
+        S = np.linalg.svd(W64, compute_uv=False)[:3]
+        B0, A0 = np64(start.lora[layer].B), np64(start.lora[layer].A)
+        np.testing.assert_allclose(SCALING * B0 @ A0, truncated(W64, 3), rtol=0, atol=tol * S[0])
+        np.testing.assert_allclose(B0.T @ B0, np.diag(S / SCALING), rtol=0, atol=tol * S[0])  # √(S/s) each side
+        np.testing.assert_allclose(A0 @ A0.T, np.diag(S / SCALING), rtol=0, atol=tol * S[0])
+        # the backbone keeps the rest: the model is unchanged
+        np.testing.assert_allclose(np64(start.backbone[layer].dense()), -SCALING * B0 @ A0, rtol=0, atol=F32 * S[0])
+    with pytest.raises(ValueError, match="shape"):
+        method.start(global_lora, {k: v.T for k, v in weights.items()}, scaling=SCALING)
+    assert fm.methods.create("fedmomentum").start(global_lora, weights, scaling=SCALING) is None
+
+
+@pytest.mark.parametrize("average", ["factors", "products"])
+def test_frlora_folds_the_round_into_the_backbone_and_restarts_at_the_same_init(average):
+    """Three rounds against a float64 replay of the rule: ``W ← W + s(B̄Ā − B₀A₀)`` (``factors``, FedAvg of the
+    factors as in the authors' code) or ``s(Σp BA − B₀A₀)`` (``products``), adapter back to ``(A₀, B₀)``."""
+    global_lora, _ = make_round(31, 26, 20, [3], 3)
+    W0 = backbone_weights(31, global_lora)
+    method = fm.methods.create("frlora", average=average)
+    assert method.exact == (average == "products")
+    start = method.start(global_lora, W0, scaling=SCALING)
+    backbone = {layer: np64(W) + np64(start.backbone[layer].dense()) for layer, W in W0.items()}
+    reference = {layer: np64(W) for layer, W in W0.items()}  # the full model W + s B A, replayed in float64
+    adapter = start.lora
+    for t in range(3):
+        _, updates = make_round(40 + t, 26, 20, [3, 3, 3, 3], 3)
+        p = weights_of(updates)
+        agg = method.aggregate(adapter, updates, scaling=SCALING, round=t)
+        for layer, init in start.lora.items():
+            assert torch.equal(agg.lora[layer].A, init.A) and torch.equal(agg.lora[layer].B, init.B)
+            B0A0 = np64(init.B) @ np64(init.A)
+            if average == "factors":
+                mean_B = sum(w * np64(u.factors[layer].B) for w, u in zip(p, updates, strict=True))
+                mean_A = sum(w * np64(u.factors[layer].A) for w, u in zip(p, updates, strict=True))
+                expected = SCALING * (mean_B @ mean_A - B0A0)
+                assert agg.stats["layers"][layer]["noise_norm"] == pytest.approx(
+                    np.linalg.norm(target(updates, layer, p) - SCALING * mean_B @ mean_A), rel=1e-4)
+            else:
+                expected = target(updates, layer, p) - SCALING * B0A0
+                assert rel(merged(agg, layer), target(updates, layer, p)) < F32  # exact
+            delta = np64(agg.backbone[layer].dense())
+            np.testing.assert_allclose(delta, expected, rtol=0, atol=F32 * np.linalg.norm(expected))
+            assert agg.backbone[layer].rank <= 2 * 3 if average == "factors" else 3 * 4 + 3
+            backbone[layer] += delta
+            reference[layer] += expected
+        adapter = agg.lora
+    for layer, init in start.lora.items():
+        model = backbone[layer] + SCALING * np64(init.B) @ np64(init.A)
+        assert rel(model, reference[layer]) < 1e-5
+    assert not method.state_dict()  # nothing held: the init is the global adapter itself
+
+
+# --- FedSA-LoRA ----------------------------------------------------------------------------------------------
+
+
+def test_fedsa_lora_shares_A_and_each_client_keeps_its_B():
+    global_lora, updates = make_round(32, 22, 18, [3, 3, 3], 3)
+    p = weights_of(updates)
+    method = fm.methods.create("fedsa-lora")
+    assert method.local == ("B",) and not method.exact
+    agg = method.aggregate(global_lora, updates, scaling=SCALING, round=2)
+    assert method.shared(2) == {"A": True, "B": False}
+    for layer in global_lora:
+        mean_A = sum(w * np64(u.factors[layer].A) for w, u in zip(p, updates, strict=True))
+        mean_B = sum(w * np64(u.factors[layer].B) for w, u in zip(p, updates, strict=True))
+        np.testing.assert_allclose(np64(agg.lora[layer].A), mean_A, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np64(agg.lora[layer].B), mean_B, rtol=0, atol=1e-6)  # the server's own model
+    assert not agg.backbone
+    a_bytes = 4 * sum(pair.A.numel() for pair in global_lora.values())
+    assert agg.stats["downlink_bytes"] == a_bytes  # B never goes back to the clients
+    assert agg.stats["uplink_bytes"] == 4 * sum(pair.A.numel() + pair.B.numel() for pair in global_lora.values())
+    # each client trains from the shared A and its own B; a newcomer from the global adapter
+    for update in updates:
+        own = method.local_state(update)
+        assert set(own) == {"B"}
+        start = method.client_start(agg.lora, own=own)
+        for layer in global_lora:
+            assert torch.equal(start[layer].A, agg.lora[layer].A)
+            assert torch.equal(start[layer].B, update.factors[layer].B)
+    assert method.client_start(agg.lora) == agg.lora
+    wrong = {"B": {layer: torch.zeros(2, 2) for layer in global_lora}}
+    with pytest.raises(ValueError, match="own B .* does not fit"):
+        method.client_start(agg.lora, own=wrong)
+    with pytest.raises(ValueError, match="keeps no 'A'"):
+        method.client_start(agg.lora, own={"A": {}})
+    assert fm.methods.create("fedit").local_state(updates[0]) == {}
+
+
+# --- per-client ranks and scalings ---------------------------------------------------------------------------
+
+ALPHA = 6.0
+
+
+def with_own_scaling(updates, rslora=False):
+    """Each update carries ``s_k = α/r_k`` (or ``α/√r_k``)."""
+    for u in updates:
+        r = next(iter(u.factors.values())).rank
+        u.scaling = ALPHA / (np.sqrt(r) if rslora else r)
+    return updates
+
+
+def scaled_target(updates, name, p) -> np.ndarray:
+    """``Σ p_k s_k B_k A_k``, dense, float64."""
+    return sum(w * u.scaling * np64(u.factors[name].B) @ np64(u.factors[name].A)
+               for w, u in zip(p, updates, strict=True))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("name", ["flora", "fedex-lora", "fedmomentum", "flexlora"])
+def test_each_client_scaling_is_respected_in_the_aggregate(name, rslora):
+    ranks = [1, 4, 2, 4, 3] + ([6] if name != "fedex-lora" else [])
+    global_lora, updates = make_round(33, 30, 22, ranks, 4)
+    updates = with_own_scaling(updates, rslora)
+    s = ALPHA / (2.0 if rslora else 4)
+    p = weights_of(updates)
+    agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=s)
+    for layer in global_lora:
+        expected = scaled_target(updates, layer, p)
+        if name == "flexlora":
+            expected = truncated(expected, 4)
+        got = merged(agg, layer, scaling=s)
+        assert rel(got, expected) < F32
+        single = target(updates, layer, p, scaling=s)  # what one silent `s` would have given
+        assert rel(got, single if name != "flexlora" else truncated(single, 4)) > 0.05
+
+
+def test_a_client_scaling_is_checked():
+    global_lora, updates = make_round(34, 20, 16, [3, 3], 3)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        updates[1].scaling = bad
+        with pytest.raises(fm.UpdateError, match="client-1'?: scaling must be a positive finite number"):
+            fm.methods.create("flora").aggregate(global_lora, updates, scaling=SCALING)
+    updates[1].scaling = 2 * SCALING
+    with pytest.raises(fm.UpdateError, match="client-1'?: LoRA scaling .* needs one rank and scaling"):
+        fm.methods.create("fedit").aggregate(global_lora, updates, scaling=SCALING)
+    updates[1].scaling = SCALING  # the global value itself is fine everywhere
+    fm.methods.create("fedit").aggregate(global_lora, updates, scaling=SCALING)
+
+
+@pytest.mark.parametrize("client_rank", [2, 4, 7])
+def test_client_start_at_its_own_rank(client_rank):
+    """``s_k B_k A_k = s B A`` for a client of at least the adapter's rank (new slots: B column 0, fresh A row),
+    its best rank-``r_k`` part (truncated SVD) below it."""
+    global_lora, _ = make_round(35, 30, 22, [4], 4)
+    s, s_k = ALPHA / 4, ALPHA / client_rank
+    method = fm.methods.create("fedmomentum")
+    start = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, round=3)
+    again = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, round=3)
+    for layer, pair in global_lora.items():
+        B, A = np64(start[layer].B), np64(start[layer].A)
+        assert B.shape == (pair.shape[0], client_rank) and A.shape == (client_rank, pair.shape[1])
+        full = s * np64(pair.B) @ np64(pair.A)
+        expected = full if client_rank >= 4 else truncated(full, client_rank)
+        assert rel(s_k * B @ A, expected) < F32
+        if client_rank > 4:
+            assert np.all(B[:, 4:] == 0) and np.all(np.linalg.norm(A[4:], axis=1) > 0)
+            assert torch.equal(start[layer].A, again[layer].A)  # seeded
+            fresh = np64(method.fresh_A(layer, client_rank - 4, pair.shape[1], 3))
+            assert not np.allclose(A[4:], fresh)  # not the rows the aggregation's fresh slots use
+        elif client_rank < 4:
+            gram = B.T @ B
+            np.testing.assert_allclose(gram, np.diag(np.diag(gram)), rtol=0, atol=F32 * gram.max())
+    same = method.client_start(global_lora, rank=4, scaling=s, global_scaling=s)
+    assert all(same[layer] is pair for layer, pair in global_lora.items())
+    with pytest.raises(ValueError, match="fedit needs every client at the global rank"):
+        fm.methods.create("fedit").client_start(global_lora, rank=2, scaling=ALPHA / 2, global_scaling=s)
+
+
+def test_flexlora_redistributes_at_each_client_rank():
+    """FlexLoRA with clients of ranks 2, 4, 8 and a global rank of 8: each client starts the next round from the
+    truncated SVD of ``Σ p_k s_k B_k A_k`` at its own rank."""
+    global_lora, updates = make_round(36, 40, 30, [2, 4, 8, 4], 8)
+    updates = with_own_scaling(updates)
+    s = ALPHA / 8
+    method = fm.methods.create("flexlora")
+    agg = method.aggregate(global_lora, updates, scaling=s)
+    M = scaled_target(updates, next(iter(global_lora)), weights_of(updates))
+    layer = next(iter(global_lora))
+    for rank in (2, 4, 8):
+        start = method.client_start(agg.lora, rank=rank, scaling=ALPHA / rank, global_scaling=s)
+        got = ALPHA / rank * np64(start[layer].B) @ np64(start[layer].A)
+        assert rel(got, truncated(M, rank)) < 1e-4
+
+
+def test_check_ranks():
+    fm.methods.create("flora").check_ranks(4, [2, 8])
+    fm.methods.create("fedmomentum").check_ranks(4, [2, 8])
+    fm.methods.create("fedex-lora").check_ranks(8, [2, 8])
+    fm.methods.create("fedit").check_ranks(4, [4, 4])
+    with pytest.raises(ValueError, match="must not exceed"):
+        fm.methods.create("fedex-lora").check_ranks(4, [2, 8])
+    for name in ("fedit", "ffa-lora", "rolora", "frlora", "fedsa-lora"):
+        with pytest.raises(ValueError, match=f"{name} needs every client at the global rank 4; it cannot mix"):
+            fm.methods.create(name).check_ranks(4, [4, 8])

@@ -66,11 +66,17 @@ class LowRank:
 
 @dataclass
 class ClientUpdate:
-    """What one client returns after local training."""
+    """What one client returns after local training.
+
+    ``scaling`` is the client's LoRA scaling ``s_k`` (``α/r_k``, or ``α/√r_k`` with rsLoRA) when its rank differs
+    from the global adapter's; ``None`` means the ``scaling`` given to ``Method.aggregate``. The aggregate is
+    ``Σ p_k s_k B_k A_k`` either way.
+    """
 
     factors: dict[str, LoraPair]
     num_examples: int
     client_id: str = ""
+    scaling: float | None = None
 
 
 class LayerStats(TypedDict, total=False):

@@ -8,13 +8,15 @@ from .base import Method
 from .fedex_lora import FedExLoRA
 from .fedit import FedIT
 from .fedmomentum import FedMomentum
+from .fedsa_lora import FedSALoRA
 from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .frlora import FRLoRA
 from .rolora import RoLoRA
 
 _REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, RoLoRA, FLoRA, FedExLoRA, FlexLoRA, FedMomentum)
+    cls.name: cls for cls in (FedIT, FFALoRA, RoLoRA, FLoRA, FedExLoRA, FlexLoRA, FedMomentum, FRLoRA, FedSALoRA)
 }
 
 

@@ -2,7 +2,16 @@
 and the small pieces of maths several methods use (weighted means, stacked products, an adapter from an SVD).
 
 A method sees tensors only. Subclasses implement ``aggregate_layer`` for one layer; the base class checks
-the updates, computes ``p_i``, casts to the aggregation dtype and totals the stats.
+the updates, computes ``p_i``, brings every update to the global LoRA scaling (a client of another rank has its
+own ``s_k``), casts to the aggregation dtype and totals the stats.
+
+Besides ``aggregate``, two optional parts of the contract:
+
+- ``start(global_lora, weights, scaling=s)``: called once before round 0 with the adapted layers' current
+  backbone weights; a method that initialises from them (FRLoRA) returns the initial adapter and a backbone delta;
+- ``client_start(global_lora, own=..., rank=..., scaling=..., global_scaling=...)``: the adapter one client trains
+  from: the global one at the client's own rank, with the factors the method keeps on the client (``local``,
+  FedSA-LoRA's ``B``) taken from the client's own state.
 """
 
 from __future__ import annotations
@@ -10,11 +19,12 @@ from __future__ import annotations
 import math
 import numbers
 import zlib
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 
-from ..linalg import lowrank_norm, stack
+from ..linalg import ProductSVD, lowrank_norm, numerical_rank, stack
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
 
 WIRE_BYTES = 4  # float32 on the wire
@@ -29,6 +39,8 @@ class Method:
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
+    local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
+    uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
 
     def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0):
         if weighting not in ("examples", "uniform"):
@@ -57,18 +69,90 @@ class Method:
         scaling: float,
         round: int = 0,
     ) -> Aggregate:
-        """Combine the clients' factors into a new global adapter and backbone deltas."""
-        self.validate(global_lora, updates)
+        """Combine the clients' factors into a new global adapter and backbone deltas.
+
+        An update with its own ``scaling`` ``s_k`` (a client of another rank) enters as ``s_k B_k A_k``: its ``B``
+        is multiplied by ``s_k / s`` before the method sees it, so every method works in the global scale.
+        """
+        self.validate(global_lora, updates, scaling)
         weights = self.client_weights(updates)
+        ratios = [1.0 if u.scaling is None else float(u.scaling) / scaling for u in updates]
         lora, backbone, per_layer = {}, {}, {}
         for name, pair in global_lora.items():
-            clients = [u.factors[name].to(self.dtype) for u in updates]
+            clients = [_rescaled(u.factors[name].to(self.dtype), ratio) for u, ratio in zip(updates, ratios,
+                                                                                             strict=True)]
             new, delta, stats = self.aggregate_layer(name, pair.to(self.dtype), clients, weights, scaling, round)
             lora[name] = new
             if delta is not None and delta.rank > 0:
                 backbone[name] = delta
             per_layer[name] = stats
         return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, round), dict(self.held))
+
+    def shared(self, round: int) -> dict[str, bool]:
+        """Which global factors the server sends the clients after ``round``: the trained ones, except those each
+        client keeps for itself (``local``)."""
+        trained = self.trainable(round)
+        return {factor: trained[factor] and factor not in self.local for factor in ("A", "B")}
+
+    def start(self, global_lora: dict[str, LoraPair], weights: Mapping[str, Tensor], *,
+              scaling: float) -> Aggregate | None:
+        """Before round 0: a new initial adapter and backbone deltas computed from the adapted layers' backbone
+        ``weights`` (``out×in``, read on demand), or ``None`` to keep the seeded LoRA init (every method but FRLoRA).
+        Called only when ``uses_backbone`` is set."""
+        return None
+
+    def client_start(
+        self,
+        global_lora: dict[str, LoraPair],
+        *,
+        own: dict[str, dict[str, Tensor]] | None = None,
+        rank: int | None = None,
+        scaling: float | None = None,
+        global_scaling: float | None = None,
+        round: int = 0,
+    ) -> dict[str, LoraPair]:
+        """The adapter a client trains from in ``round``.
+
+        ``rank``/``scaling``: the client's LoRA rank ``r_k`` and scaling ``s_k`` when they differ from the global
+        adapter's (``global_scaling`` = ``s``). The client's model then starts as ``s_k B_k A_k = s B A`` exactly
+        when ``r_k ≥ rank(B A)`` (new slots get ``B`` column 0 and a fresh ``A`` row), else as its best rank-``r_k``
+        part (FlexLoRA's redistribution: the truncated SVD). ``own``: the client's kept factors
+        (``{"B": {layer: B_k}}``, see ``local_state``), used instead of the global ones.
+        """
+        resize = rank is not None
+        if resize and not self.mixed_ranks:
+            raise ValueError(f"{self.name} needs every client at the global rank; it cannot mix ranks "
+                             "(use flora, fedex-lora, flexlora or fedmomentum)")
+        ratio = 1.0 if scaling is None or global_scaling is None else global_scaling / scaling
+        start = {}
+        for name, pair in global_lora.items():
+            if resize and (rank != pair.rank or ratio != 1.0):
+                pair = at_rank(pair, rank, ratio, lambda n, name=name, pair=pair: self.fresh_A(
+                    f"{name}/start", n, pair.shape[1], round))
+            start[name] = pair
+        for factor, layers in (own or {}).items():
+            if factor not in self.local:
+                raise ValueError(f"{self.name} keeps no {factor!r} on the clients (it keeps {self.local or 'none'})")
+            for name, value in layers.items():
+                pair = start.get(name)
+                current = getattr(pair, factor) if pair is not None else None
+                if current is None or tuple(value.shape) != tuple(current.shape):
+                    raise ValueError(f"the client's own {factor} for layer {name!r} does not fit the global "
+                                     "adapter (another model or rank?)")
+                start[name] = LoraPair(value, pair.B) if factor == "A" else LoraPair(pair.A, value)
+        return start
+
+    def local_state(self, update: ClientUpdate) -> dict[str, dict[str, Tensor]]:
+        """What the client keeps after training (its ``local`` factors, ``{factor: {layer: tensor}}``);
+        ``{}`` for a method that keeps nothing on the clients."""
+        return {factor: {name: getattr(pair, factor) for name, pair in update.factors.items()}
+                for factor in self.local}
+
+    def check_ranks(self, global_rank: int, client_ranks: list[int]) -> None:
+        """Raise ``ValueError`` when the method cannot train clients of these ranks against this global rank."""
+        if not self.mixed_ranks and any(r != global_rank for r in client_ranks):
+            raise ValueError(f"{self.name} needs every client at the global rank {global_rank}; it cannot mix "
+                             f"ranks {sorted(set(client_ranks))} (use flora, fedex-lora, flexlora or fedmomentum)")
 
     def state_dict(self) -> dict[str, Tensor]:
         """The held deltas as a flat dict of tensors (safetensors-ready); ``{}`` when nothing is held."""
@@ -120,7 +204,8 @@ class Method:
 
     # --- checks and stats ---------------------------------------------------------------------------
 
-    def validate(self, global_lora: dict[str, LoraPair], updates: list[ClientUpdate]) -> None:
+    def validate(self, global_lora: dict[str, LoraPair], updates: list[ClientUpdate],
+                 scaling: float | None = None) -> None:
         """Raise ``UpdateError`` naming the client and layer for anything that cannot be aggregated."""
         if not updates:
             raise UpdateError(f"{self.name}: no client updates to aggregate")
@@ -131,6 +216,13 @@ class Method:
             n = update.num_examples
             if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
                 raise UpdateError(f"{who}: num_examples must be a positive integer, got {n!r}")
+            s_k = update.scaling
+            if s_k is not None:
+                if isinstance(s_k, bool) or not isinstance(s_k, numbers.Real) or not math.isfinite(s_k) or s_k <= 0:
+                    raise UpdateError(f"{who}: scaling must be a positive finite number, got {s_k!r}")
+                if scaling is not None and s_k != scaling and not self.mixed_ranks:
+                    raise UpdateError(f"{who}: LoRA scaling {s_k} differs from the global {scaling}, and "
+                                      f"{self.name} needs one rank and scaling on every client")
             missing = sorted(set(global_lora) - set(update.factors))
             extra = sorted(set(update.factors) - set(global_lora))
             if missing or extra:
@@ -156,14 +248,14 @@ class Method:
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
         """Totals over layers, plus what each client sends and receives (float32 bytes)."""
-        trained = self.trainable(round)
+        trained, sent = self.trainable(round), self.shared(round)
         uplink = {
             (u.client_id or str(i)): WIRE_BYTES * sum(
                 p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in u.factors.values())
             for i, u in enumerate(updates)
         }
         downlink = WIRE_BYTES * (
-            sum(p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in lora.values())
+            sum(p.A.numel() * sent["A"] + p.B.numel() * sent["B"] for p in lora.values())
             + sum(d.left.numel() + d.right.numel() for d in backbone.values())
         )
         noises = [s["noise_norm"] for s in per_layer.values() if s.get("noise_norm") is not None]
@@ -190,6 +282,26 @@ def _finite(X: Tensor) -> bool:
         return True
     low, high = torch.aminmax(X)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:
+    """``pair`` with ``B`` multiplied by ``ratio = s_k / s``, so that ``s B A`` is the client's ``s_k B_k A_k``."""
+    return pair if ratio == 1.0 else LoraPair(pair.A, pair.B * ratio)
+
+
+def at_rank(pair: LoraPair, rank: int, ratio: float, fresh_A) -> LoraPair:
+    """Rank-``rank`` factors with ``B' A' = ratio · B A`` when ``rank ≥ rank(B A)``, else its best rank-``rank``
+    part (truncated SVD, ``√S`` on each side); extra slots get ``B`` column 0 and a fresh ``A`` row."""
+    if rank >= pair.rank:
+        root = math.sqrt(ratio)
+        extra = rank - pair.rank
+        B = torch.cat([pair.B * root, pair.B.new_zeros(pair.B.shape[0], extra)], 1)
+        A = torch.cat([pair.A * root, fresh_A(extra).to(pair.A)], 0) if extra else pair.A * root
+        return LoraPair(A.contiguous(), B.contiguous())
+    svd = ProductSVD(pair.B, pair.A)
+    alive = min(numerical_rank(svd.S, pair.shape), rank)
+    S = svd.S[:alive] * ratio
+    return adapter_from_svd(svd.U(alive) * S, S, svd.Vh(alive), rank, "balanced", fresh_A)
 
 
 def mean(tensors: list[Tensor], weights: list[float]) -> Tensor:

@@ -24,8 +24,14 @@ class FedExLoRA(Method):
     name = "fedex-lora"
     mixed_ranks = True
 
-    def validate(self, global_lora, updates):
-        super().validate(global_lora, updates)
+    def check_ranks(self, global_rank, client_ranks):
+        if max(client_ranks) > global_rank:
+            raise ValueError(f"{self.name} averages client factors into the global rank {global_rank}: client ranks "
+                             f"must not exceed it (got {max(client_ranks)}; raise lora_r, or use flora, flexlora "
+                             "or fedmomentum)")
+
+    def validate(self, global_lora, updates, scaling=None):
+        super().validate(global_lora, updates, scaling)
         for index, update in enumerate(updates):
             for name, pair in update.factors.items():
                 if pair.rank > global_lora[name].rank:
