@@ -1,4 +1,5 @@
-"""Checkpoints: one safetensors file holding the round, adapter, adapted backbone weights and the method's held deltas.
+"""Checkpoints: one safetensors file holding the round, adapter, adapted backbone weights, the method's held deltas
+and what the clients keep between rounds (FedSA-LoRA's own ``B``, in the simulation).
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ class Checkpoint:
     backbone: dict[str, torch.Tensor]  # the adapted layers' base weights
     held: dict[str, LowRank]  # deltas the method holds back for a later round (``Aggregate.held``)
     info: dict  # JSON-able: config, records needed to continue
+    clients: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)  # id → factor → layer
+
+
+FACTORS = ("A", "B")
 
 
 def save(path: str | Path, checkpoint: Checkpoint) -> None:
@@ -36,6 +41,11 @@ def save(path: str | Path, checkpoint: Checkpoint) -> None:
     for name, delta in checkpoint.held.items():
         tensors[f"held.L.{name}"] = delta.left.contiguous()
         tensors[f"held.R.{name}"] = delta.right.contiguous()
+    for client, factors in checkpoint.clients.items():
+        if not client or "." in client:
+            raise ValueError(f"client id {client!r} cannot be stored in a checkpoint (empty, or has a '.')")
+        for factor, layers in factors.items():
+            tensors.update({f"client.{client}.{factor}.{name}": value.contiguous() for name, value in layers.items()})
     metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1"}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -64,7 +74,13 @@ def load(path: str | Path) -> Checkpoint:
     except KeyError as missing:
         raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    return Checkpoint(round_, lora, backbone, held, info)
+    clients: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key in _names(tensors, "client."):
+        client, factor, name = (key.split(".", 2) + ["", ""])[:3]
+        if not client or factor not in FACTORS or not name:
+            raise ValueError(f"corrupt checkpoint {path}: bad client tensor name 'client.{key}'")
+        clients.setdefault(client, {}).setdefault(factor, {})[name] = tensors[f"client.{key}"]
+    return Checkpoint(round_, lora, backbone, held, info, clients)
 
 
 def _names(tensors: dict, prefix: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 
 from .data.formatting import collate
-from .peft_io import get_lora, set_lora, set_trainable
+from .peft_io import ADAPTER, get_lora, scaling, set_lora, set_trainable
 from .types import ClientUpdate, LoraPair
 
 
@@ -51,15 +51,20 @@ def train_client(
     seed: int = 0,
     client_id: str = "",
     pad_id: int = 0,
+    adapter: str = ADAPTER,
 ) -> tuple[ClientUpdate, float]:
     """Train ``model``'s adapter on ``data`` (encoded examples) from ``global_lora``; return the update and mean loss.
 
-    The model's backbone is shared and never touched here; only the adapter factors change.
+    The model's backbone is shared and never touched here; only the adapter factors change. ``adapter`` names the
+    PEFT adapter to train, the active one (``peft_io.active_adapter``: a client of another rank); the update
+    carries its scaling.
     """
     if not data:
         raise ValueError(f"client {client_id!r} has no training examples")
-    set_lora(model, global_lora)
-    params = set_trainable(model, trainable)
+    if model.active_adapter != adapter:
+        raise ValueError(f"adapter {adapter!r} is not the active one ({model.active_adapter!r})")
+    set_lora(model, global_lora, adapter)
+    params = set_trainable(model, trainable, adapter)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay)
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
@@ -82,5 +87,7 @@ def train_client(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
-    set_trainable(model, {"A": False, "B": False})
-    return ClientUpdate(get_lora(model), num_examples=len(data), client_id=client_id), sum(losses) / len(losses)
+    set_trainable(model, {"A": False, "B": False}, adapter)
+    update = ClientUpdate(get_lora(model, adapter), num_examples=len(data), client_id=client_id,
+                          scaling=scaling(model, adapter))
+    return update, sum(losses) / len(losses)

@@ -29,6 +29,7 @@ class RunConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rslora: bool = False
     lora_dropout: float = 0.0
+    client_ranks: list[int] | str | None = None  # per-client LoRA ranks: a list, or "cycle:4,8" / "random:4,8"
     # federation
     rounds: int = 10
     clients: int = 8
@@ -61,6 +62,7 @@ class RunConfig:
     device: str = "cpu"
     out: str = ""  # "" = runs/<method>
     export_merged: bool = False
+    report_to: str | list[str] = "none"  # "tensorboard": per-round scalars also as TensorBoard events
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -74,9 +76,11 @@ class RunConfig:
         return from_dict({**self.to_dict(), **changes})
 
     def validate(self) -> None:
-        from . import methods
+        from . import methods, records, schedule
 
-        methods.create(self.method, **self.method_options)  # unknown method or option → ValueError
+        method = methods.create(self.method, **self.method_options)  # unknown method or option → ValueError
+        method.check_ranks(self.lora_r, schedule.client_ranks(self))
+        records.check_report_to(self.report_to)
         checks = [
             (self.rounds >= 1, "rounds must be ≥ 1"),
             (self.clients >= 1, "clients must be ≥ 1"),

@@ -19,10 +19,19 @@ from tqdm.auto import tqdm
 from . import checkpoint, report
 from .build import Setup
 from .evaluate import evaluate
-from .peft_io import apply_backbone, export_adapter, export_merged, get_backbone, get_lora, set_backbone, set_lora
+from .peft_io import (
+    BackboneWeights,
+    apply_backbone,
+    export_adapter,
+    export_merged,
+    get_backbone,
+    get_lora,
+    set_backbone,
+    set_lora,
+)
 from .records import Records
 from .schedule import round_lr
-from .types import Aggregate, ClientUpdate, LoraPair
+from .types import Aggregate, ClientUpdate, LoraPair, Tensor
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -41,6 +50,10 @@ class Engine:
 
     name = "simulation"
     progress_bar = True  # a tqdm bar over rounds (else only the per-round lines)
+    # what the engine can do beyond plain rounds (``check_engine``): "start" (pass a method's change before round 0,
+    # ``Method.start``, on to the clients), "client_state" (clients keep factors between rounds, ``Method.local``),
+    # "client_ranks" (clients of other LoRA ranks)
+    features: frozenset[str] = frozenset()
 
     def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
                     lr: float) -> ClientRound:
@@ -48,6 +61,17 @@ class Engine:
 
     def restore(self, out: Path, done: int) -> None:
         """Resuming after round ``done``: reload what the engine saved in ``out``."""
+
+    def after_start(self, result: Aggregate) -> None:
+        """The method's start (``Method.start``: a new adapter and backbone deltas) is applied to the server's model,
+        before round 0."""
+
+    def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
+        """What the clients keep between rounds (client id → factor → layer → tensor), for the checkpoint."""
+        return {}
+
+    def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+        """Resuming: what ``client_state`` returned when the checkpoint was written."""
 
     def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
                     out: Path) -> None:
@@ -62,22 +86,53 @@ class Engine:
 
 
 def comparable(config) -> dict:
-    """The config fields that must match to resume (output, export, device and the number of rounds may change)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("out", "export_merged", "device", "rounds")}
+    """The config fields that must match to resume (output, export, device, reporting and the number of rounds may
+    change)."""
+    return {k: v for k, v in config.to_dict().items()
+            if k not in ("out", "export_merged", "device", "rounds", "report_to")}
+
+
+def check_engine(setup: Setup, engine: Engine) -> None:
+    """A one-line error when the run needs something of the engine that it cannot do (see ``Engine.features``)."""
+    config, method = setup.config, setup.method
+    needs = {
+        "start": (method.uses_backbone, f"{config.method} changes the backbone before round 0"),
+        "client_state": (bool(method.local), f"{config.method}'s clients keep their own "
+                                             f"{', '.join(method.local)} between rounds"),
+        "client_ranks": (config.client_ranks not in (None, []), "client_ranks gives clients their own LoRA ranks"),
+    }
+    for feature, (needed, why) in needs.items():
+        if needed and feature not in engine.features:
+            raise ValueError(f"the {engine.name} engine cannot run this yet: {why}")
+
+
+def start_method(setup: Setup, engine: Engine) -> None:
+    """Before round 0: a method that initialises from the backbone (FRLoRA) changes the adapter and backbone."""
+    if not setup.method.uses_backbone:
+        return
+    result = setup.method.start(get_lora(setup.model), BackboneWeights(setup.model), scaling=setup.scaling)
+    if result is None:
+        return
+    apply_backbone(setup.model, result.backbone)
+    set_lora(setup.model, result.lora)
+    engine.after_start(result)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def restore(setup: Setup, out: Path) -> int:
-    """Load the checkpoint in ``out`` into the server's model and method; returns the rounds it holds."""
+def restore(setup: Setup, out: Path, engine: Engine | None = None) -> int:
+    """Load the checkpoint in ``out`` into the server's model and method (and the clients' state into ``engine``);
+    returns the rounds it holds."""
     state = checkpoint.load(out / CHECKPOINT)
     if state.info.get("config") != comparable(setup.config):
         raise ValueError(f"{out / CHECKPOINT} was written by a different config; resume with the same one")
     set_backbone(setup.model, state.backbone)
     set_lora(setup.model, state.lora)
     setup.method.held = state.held
+    if engine is not None:
+        engine.load_client_state(state.clients)
     return state.round
 
 
@@ -119,11 +174,14 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = restore(setup, out) if resume else 0
+    check_engine(setup, engine)
+    done = restore(setup, out, engine) if resume else 0
     if resume:
         engine.restore(out, done)
+    else:
+        start_method(setup, engine)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    records = Records(out, keep_rounds=done if resume else None)
+    records = Records(out, keep_rounds=done if resume else None, report_to=config.report_to)
     log = (lambda _: None) if quiet else engine.log
     if not resume:
         records.append({"round": 0, "method": config.method, **evaluate(setup, accuracy=config.accuracy_every > 0)})
@@ -144,8 +202,10 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
         engine.after_round(round, previous, result, record, out)
         records.append(record, result.stats["layers"])
         checkpoint.save(out / CHECKPOINT, checkpoint.Checkpoint(
-            round + 1, global_lora, get_backbone(setup.model), result.held, {"config": comparable(config)}))
+            round + 1, global_lora, get_backbone(setup.model), result.held, {"config": comparable(config)},
+            engine.client_state()))
         log(report.round_line(record))
+    records.close()
     summary = report.summarize(records.rows, config, seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
     engine.finish(summary, records.rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -5,7 +5,9 @@ Layer keys are module paths without PEFT's wrapper prefix, e.g. ``model.layers.0
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -37,54 +39,87 @@ def add_lora(
         return get_peft_model(model, config)
 
 
-def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+def lora_layers(model: PeftModel, adapter: str = ADAPTER) -> dict[str, LoraLayer]:
     """Every LoRA-wrapped module, keyed by its path in the base model."""
     layers = {name.removeprefix(PREFIX): module for name, module in model.named_modules()
-              if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+              if isinstance(module, LoraLayer) and adapter in module.lora_A}
     if not layers:
         raise ValueError("the model has no LoRA layers; check target_modules")
     return layers
 
 
-def scaling(model: PeftModel) -> float:
+def scaling(model: PeftModel, adapter: str = ADAPTER) -> float:
     """The LoRA scaling ``s`` (``alpha/r`` or ``alpha/√r``); one value for the whole model."""
-    values = {float(layer.scaling[ADAPTER]) for layer in lora_layers(model).values()}
+    values = {float(layer.scaling[adapter]) for layer in lora_layers(model, adapter).values()}
     if len(values) != 1:
         raise ValueError(f"layers use different LoRA scalings {sorted(values)}; use one r and alpha")
     return values.pop()
 
 
-def get_lora(model: PeftModel) -> dict[str, LoraPair]:
+def rank_adapter(model: PeftModel, rank: int) -> str:
+    """The name of an adapter of rank ``rank`` on ``model`` (the run's own adapter, or one added beside it with the
+    same settings), for clients of another rank. Training one leaves the others untouched: only the active adapter
+    takes part in the forward pass."""
+    config = model.peft_config[ADAPTER]
+    if rank == config.r:
+        return ADAPTER
+    name = f"rank{rank}"
+    if name not in model.peft_config:
+        other = copy.deepcopy(config)
+        other.r = rank
+        with torch.random.fork_rng():  # its initial values are never used: clients set their factors first
+            model.add_adapter(name, other)
+        set_trainable(model, {"A": False, "B": False}, name)
+        model.set_adapter(ADAPTER)
+        set_trainable(model, {"A": False, "B": False})
+    return name
+
+
+@contextlib.contextmanager
+def active_adapter(model: PeftModel, adapter: str):
+    """Make ``adapter`` the one the forward pass uses, and the run's own adapter again afterwards (even on error)."""
+    if adapter == ADAPTER:
+        yield adapter
+        return
+    model.set_adapter(adapter)
+    try:
+        yield adapter
+    finally:
+        model.set_adapter(ADAPTER)
+        set_trainable(model, {"A": False, "B": False})
+
+
+def get_lora(model: PeftModel, adapter: str = ADAPTER) -> dict[str, LoraPair]:
     """The adapter's factors as float32 CPU copies."""
     return {
-        name: LoraPair(layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
-                       layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
-        for name, layer in lora_layers(model).items()
+        name: LoraPair(layer.lora_A[adapter].weight.detach().float().cpu().clone(),
+                       layer.lora_B[adapter].weight.detach().float().cpu().clone())
+        for name, layer in lora_layers(model, adapter).items()
     }
 
 
 @torch.no_grad()
-def set_lora(model: PeftModel, lora: dict[str, LoraPair]) -> None:
+def set_lora(model: PeftModel, lora: dict[str, LoraPair], adapter: str = ADAPTER) -> None:
     """Copy factors into the model (its dtype and device); every layer must be given, with matching shapes."""
-    layers = lora_layers(model)
+    layers = lora_layers(model, adapter)
     missing, extra = sorted(set(layers) - set(lora)), sorted(set(lora) - set(layers))
     if missing or extra:
         raise ValueError(f"adapter layers do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, layer in layers.items():
         for factor, value in (("A", lora[name].A), ("B", lora[name].B)):
-            weight = getattr(layer, f"lora_{factor}")[ADAPTER].weight
+            weight = getattr(layer, f"lora_{factor}")[adapter].weight
             if weight.shape != value.shape:
                 raise ValueError(f"layer {name!r}: {factor} has shape {tuple(value.shape)}, "
                                  f"the model expects {tuple(weight.shape)}")
             weight.copy_(value)
 
 
-def set_trainable(model: PeftModel, trainable: dict[str, bool]) -> list[torch.nn.Parameter]:
+def set_trainable(model: PeftModel, trainable: dict[str, bool], adapter: str = ADAPTER) -> list[torch.nn.Parameter]:
     """Freeze or unfreeze ``A`` and ``B`` everywhere; returns the parameters left trainable."""
     params = []
-    for layer in lora_layers(model).values():
+    for layer in lora_layers(model, adapter).values():
         for factor in ("A", "B"):
-            weight = getattr(layer, f"lora_{factor}")[ADAPTER].weight
+            weight = getattr(layer, f"lora_{factor}")[adapter].weight
             weight.requires_grad_(trainable[factor])
             if trainable[factor]:
                 params.append(weight)
@@ -116,6 +151,25 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
             weight.copy_(torch.addmm(weight.float(), left, right))
 
 
+class BackboneWeights(Mapping):
+    """The adapted layers' current base weights as ``out×in`` tensors, read one at a time when asked for (no copy of
+    the whole backbone): what ``Method.start`` sees. Treat them as read-only."""
+
+    def __init__(self, model: PeftModel):
+        self._layers = lora_layers(model)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        layer = self._layers[name]
+        weight = layer.get_base_layer().weight.detach()
+        return weight.mT if getattr(layer, "fan_in_fan_out", False) else weight
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
 def get_backbone(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapted layers' base weights (the only backbone weights any method changes)."""
     return {name: layer.get_base_layer().weight.detach().cpu().clone() for name, layer in lora_layers(model).items()}
@@ -137,7 +191,7 @@ def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None
     if base is not None:
         config.base_model_name_or_path = str(base)
     try:
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), selected_adapters=[ADAPTER])  # not the per-rank client adapters
     finally:
         config.base_model_name_or_path = original
 

@@ -1,9 +1,59 @@
-"""A run's per-round records on disk: ``metrics.jsonl`` (a line per round) and ``aggregation.jsonl`` (per layer)."""
+"""A run's per-round records on disk: ``metrics.jsonl`` (a line per round) and ``aggregation.jsonl`` (per layer),
+and with ``report_to = "tensorboard"`` every per-round scalar as TensorBoard events in ``tensorboard/``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+REPORTERS = ("none", "tensorboard")  # transformers' spelling
+TENSORBOARD = "tensorboard"  # the folder under the run's output
+
+
+def check_report_to(report_to: str | list[str]) -> list[str]:
+    """The reporters asked for (``"none"`` dropped); an unknown one, or TensorBoard without its package, is an
+    error saying what to do."""
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"report_to must be a name or a list of names, got {report_to!r}")
+    unknown = [n for n in names if n not in REPORTERS]
+    if unknown:
+        raise ValueError(f"report_to: unknown {unknown[0]!r}; choose from {', '.join(REPORTERS)}")
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("report_to='tensorboard' needs the tensorboard package: "
+                         "pip install 'fedmomentum[tensorboard]'")
+    return [n for n in names if n != "none"]
+
+
+def scalars(record: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a round's record as ``(tag, value)``, nested dicts flattened with ``/`` (the round itself,
+    text, lists and flags left out)."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from scalars(value, f"{tag}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and tag != "round":
+            yield tag, float(value)
+
+
+class TensorBoardLog:
+    """Per-round scalars as TensorBoard events (``torch.utils.tensorboard``), flushed every round so that a
+    running job can be watched; ``purge_step`` drops what a crashed run wrote after its checkpoint."""
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def write(self, record: dict) -> None:
+        for tag, value in scalars(record):
+            self.writer.add_scalar(tag, value, global_step=int(record["round"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -15,10 +65,13 @@ class Records:
     """Appends to ``metrics.jsonl`` and ``aggregation.jsonl`` in ``out``; ``rows`` holds the metrics so far.
 
     ``keep_rounds=None`` starts both files empty; on resume, ``keep_rounds`` drops the rounds the checkpoint
-    does not hold (a crash may have recorded a round it never checkpointed).
+    does not hold (a crash may have recorded a round it never checkpointed). ``report_to`` adds TensorBoard.
     """
 
-    def __init__(self, out: Path, keep_rounds: int | None = None):
+    def __init__(self, out: Path, keep_rounds: int | None = None, report_to: str | list[str] = "none"):
+        self.tensorboard = None
+        if TENSORBOARD in check_report_to(report_to):
+            self.tensorboard = TensorBoardLog(out / TENSORBOARD, None if keep_rounds is None else keep_rounds + 1)
         self.metrics, self.layers = out / "metrics.jsonl", out / "aggregation.jsonl"
         self.rows: list[dict] = []
         for path in (self.metrics, self.layers):
@@ -35,6 +88,12 @@ class Records:
         if layers is not None:
             with self.layers.open("a") as handle:
                 handle.write(json.dumps({"round": record["round"], "layers": layers}) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(out: str | Path) -> list[dict]:

@@ -20,6 +20,44 @@ def sample_clients(config: RunConfig, round: int) -> list[int]:
     return sorted(torch.randperm(config.clients, generator=generator)[: config.clients_per_round].tolist())
 
 
+RANK_RULES = ("cycle", "random")
+
+
+def client_ranks(config: RunConfig) -> list[int]:
+    """Each client's LoRA rank, from ``config.client_ranks``: unset, every client has ``lora_r``; a list, one rank
+    per client; or a rule over a set of ranks, ``"cycle:2,4,8"`` (client ``i`` gets the ``i``-th, round robin) or
+    ``"random:2,4,8"`` (a seeded draw per client)."""
+    spec = config.client_ranks
+    if spec is None or spec == []:
+        return [config.lora_r] * config.clients
+    if isinstance(spec, str):
+        rule, sep, values = spec.partition(":")
+        if not sep or rule.strip() not in RANK_RULES:
+            raise ValueError(f"client_ranks rule {spec!r} must be 'cycle:r1,r2,...' or 'random:r1,r2,...'")
+        try:
+            choices = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"client_ranks rule {spec!r}: the ranks must be integers") from None
+        if not choices:
+            raise ValueError(f"client_ranks rule {spec!r} names no rank")
+        if rule.strip() == "cycle":
+            ranks = [choices[i % len(choices)] for i in range(config.clients)]
+        else:
+            generator = torch.Generator().manual_seed(config.seed * 7_919 + 17)
+            ranks = [choices[i] for i in torch.randint(len(choices), (config.clients,), generator=generator).tolist()]
+    elif isinstance(spec, list | tuple):
+        ranks = list(spec)
+        if len(ranks) != config.clients:
+            raise ValueError(f"client_ranks lists {len(ranks)} ranks for {config.clients} clients; give one per "
+                             "client, or a rule such as 'cycle:4,8'")
+    else:
+        raise ValueError(f"client_ranks must be a list of ranks or a rule such as 'cycle:4,8', got {spec!r}")
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f"client_ranks must be integers ≥ 1, got {bad[0]!r}")
+    return ranks
+
+
 def client_seed(config: RunConfig, round: int, client: int) -> int:
     """The seed of ``client``'s local training in ``round`` (batch order, dropout)."""
     return config.seed * 1_000_003 + round * 1_009 + client

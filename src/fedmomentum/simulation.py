@@ -1,7 +1,9 @@
 """The in-process engine: one shared base model, the sampled clients trained one after another.
 
 Each client trains from the global adapter on the shared model (its factors are swapped in, the model is never
-copied); the driver (``driver.run``) does the rest of the round.
+copied); the driver (``driver.run``) does the rest of the round. A client of another LoRA rank (``client_ranks``)
+trains a PEFT adapter of its rank added beside the run's own, on the same model; what a method keeps on the
+clients between rounds (FedSA-LoRA's ``B``) is held here per client and saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -11,27 +13,50 @@ from .client import train_client
 from .config import RunConfig
 from .driver import ClientRound, Engine
 from .driver import run as drive
-from .schedule import client_seed, sample_clients
-from .types import LoraPair
+from .peft_io import active_adapter, rank_adapter
+from .peft_io import scaling as adapter_scaling
+from .schedule import client_ranks, client_seed, sample_clients
+from .types import LoraPair, Tensor
 
 
 class InProcess(Engine):
     """Trains each sampled client in this process, on the server's own model."""
 
+    features = frozenset({"start", "client_state", "client_ranks"})
+
     def __init__(self, setup: Setup, client_data: list[list[dict]]):
         self.setup, self.client_data = setup, client_data
+        self.ranks = client_ranks(setup.config)
+        self.kept: dict[str, dict[str, dict[str, Tensor]]] = {}  # client id → what the method keeps there
 
     def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
                     lr: float) -> ClientRound:
-        config = self.setup.config
+        config, model, method = self.setup.config, self.setup.model, self.setup.method
         updates, losses = [], []
         for client in sample_clients(config, round):
-            update, loss = train_client(self.setup.model, self.client_data[client], global_lora, trainable,
-                                        config.train_config(), lr=lr, seed=client_seed(config, round, client),
-                                        client_id=f"client-{client}", pad_id=self.setup.tokenizer.pad_token_id)
+            client_id = f"client-{client}"
+            adapter = rank_adapter(model, self.ranks[client])
+            s_k = adapter_scaling(model, adapter)
+            resized = self.ranks[client] != config.lora_r
+            start = method.client_start(global_lora, own=self.kept.get(client_id), round=round,
+                                        rank=self.ranks[client] if resized else None, scaling=s_k,
+                                        global_scaling=self.setup.scaling)
+            with active_adapter(model, adapter):
+                update, loss = train_client(model, self.client_data[client], start, trainable, config.train_config(),
+                                            lr=lr, seed=client_seed(config, round, client), client_id=client_id,
+                                            pad_id=self.setup.tokenizer.pad_token_id, adapter=adapter)
+            if method.local:
+                self.kept[client_id] = method.local_state(update)
             updates.append(update)
             losses.append(loss)
         return ClientRound(updates, losses)
+
+    def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
+        return self.kept
+
+    def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+        self.kept = {client: {factor: dict(layers) for factor, layers in factors.items()}
+                     for client, factors in state.items()}
 
 
 def default_out(config: RunConfig) -> RunConfig:
