@@ -157,8 +157,10 @@ def compare(
 def list_methods() -> None:
     """List the aggregation methods and the options each accepts."""
     for name in method_registry.names():
-        exact = "exact" if method_registry.create(name).exact else "not exact"
-        typer.echo(f"{name:12s} {exact:10s} options: {', '.join(method_registry.options(name))}")
+        method = method_registry.create(name)
+        exact = "exact" if method.exact else "not exact"
+        ranks = "mixed ranks" if method.mixed_ranks else "one rank"
+        typer.echo(f"{name:12s} {exact:10s} {ranks:12s} options: {', '.join(method_registry.options(name))}")
 
 
 def main() -> None:
