@@ -119,3 +119,31 @@ def test_conv1d_layers_of_gpt2_get_the_weighted_average_of_the_client_models():
     set_lora(model, result.lora)
     for name in layers:
         torch.testing.assert_close(effective(name).detach(), expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_weights_are_out_by_in_and_frlora_starts_on_gpt2_conv1d():
+    """``BackboneWeights`` shows every adapted weight as ``out×in`` (Conv1D stores ``in×out``): FRLoRA's start
+    computed from it leaves the model's function unchanged, which a transposed view would not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedmomentum.peft_io import BackboneWeights
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=24, n_layer=2, n_head=2))
+    model = add_lora(base, r=3, alpha=6, target_modules=["c_attn", "c_proj"], seed=1).eval()  # no dropout
+    view = BackboneWeights(model)
+    layers = lora_layers(model)
+    assert set(view) == set(layers) and len(view) == len(layers)
+    for name, pair in get_lora(model).items():
+        assert tuple(view[name].shape) == pair.shape
+        assert torch.equal(view[name], layers[name].get_base_layer().weight.T)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    start = fm.methods.create("frlora").start(get_lora(model), view, scaling=scaling(model))
+    apply_backbone(model, start.backbone)
+    set_lora(model, start.lora)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)
+    assert max(float(pair.B.abs().max()) for pair in start.lora.values()) > 0.01  # a real start, not B = 0
