@@ -287,3 +287,50 @@ def test_client_data_errors(tmp_path):
 def test_config_checks_for_data(changes, says):
     with pytest.raises(ValueError, match=says):
         RunConfig(**changes).validate()
+
+
+# ----------------------------------------------------------------------------------------------- from the command line
+
+RUN = ["--model", "tiny", "--rounds", "1", "--clients-per-round", "2", "--local-steps", "1", "--set", "families=[]",
+       "--set", "max_length=48", "--set", "batch_size=2", "--set", "lora_r=2", "--set", "accuracy_per_family=1",
+       "--set", "max_new_tokens=2", "--set", "eval_fraction=0.25"]
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from fedmomentum.cli import app
+
+    return CliRunner().invoke(app, ["run", *args])
+
+
+def test_cli_client_data_folder_end_to_end(tmp_path):
+    folder = tmp_path / "fed"
+    folder.mkdir()
+    write(folder / "alice.jsonl", _qa_records(5, "a"))
+    write(folder / "bob.json", [{"instruction": f"b {i}", "output": f"b{i}"} for i in range(4)])
+    write(folder / "carol.parquet", [{"messages": CHAT}] * 4)
+    out = tmp_path / "run"
+    result = _cli(*RUN, "--set", f"client_data={folder}", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["clients"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[1]["client_ids"]) <= {"alice", "bob", "carol"} and len(rows[1]["client_ids"]) == 2
+    assert {key for key in rows[1] if key.startswith(("loss/", "accuracy/"))} == {
+        f"{kind}/{name}" for kind in ("loss", "accuracy") for name in ("alice", "bob", "carol")}
+    result = _cli(*RUN, "--set", f"client_data={folder}", "--clients", "4", "--out", str(tmp_path / "bad"))
+    assert result.exit_code == 2 and "holds 3 clients but clients = 4" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_jsonl_only_training(tmp_path):
+    path = write(tmp_path / "qa.jsonl", _qa_records(12, "q"))
+    out = tmp_path / "run"
+    result = _cli(*RUN, "--clients", "2", "--set", f"jsonl=[{path}]", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["eval_loss"] == row["loss/qa"] for row in rows] == [True, True] and "accuracy/qa" in rows[1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    result = _cli(*RUN, "--clients", "2", "--set", f"data=[{bad}]", "--out", str(tmp_path / "bad"))
+    assert result.exit_code == 2 and "bad.jsonl:2: not valid UTF-8" in result.output
