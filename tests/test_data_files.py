@@ -106,35 +106,29 @@ def test_a_bad_record_is_one_error_naming_file_and_line(tmp_path, name, form):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("content, says", [
-    (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "a", \n', r"x\.jsonl:3: invalid JSON"),
-    (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
+# Syntax, encoding and shape errors of JSON files: one line naming the file and the line.
+@pytest.mark.parametrize("name, content, says", [
+    ("x.jsonl", b'{"prompt": "a", "response": "b"}\n\n{"prompt": "a", \n', r"x\.jsonl:3: invalid JSON"),
+    ("x.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
      r"x\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 16 of the line\)"),
-    (b'{"prompt": "a", "response": "b"}\n["prompt"]\n', r"x\.jsonl:2: expected a JSON object, got list"),
-    (b'{"question": "a", "answer": "b"}\n', r"x\.jsonl:1: cannot tell the data format from the fields "
-                                            r"\(question, answer\)"),
-    (b'{"prompt": "a", "response": "  "}\n', r"x\.jsonl:1: field 'response' is empty"),
-    (b"\n\n", r"x\.jsonl: no examples"),
-])
-def test_jsonl_errors(tmp_path, content, says):
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=says):
-        data.load_examples(path)
-
-
-@pytest.mark.parametrize("content, says", [
-    (b'[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]', r"x\.json:3: invalid JSON"),
-    (b'[\n  {"prompt": "a", "response": "b"}\n  {"prompt": "c"}\n]', r"x\.json:3: invalid JSON: expected ',' or ']'"),
-    (b'[\n{"prompt": "a", "response": "b"},\n\n{"prompt": "\xff", "response": "b"}]',
+    ("x.jsonl", b'{"prompt": "a", "response": "b"}\n["prompt"]\n', r"x\.jsonl:2: expected a JSON object, got list"),
+    ("x.jsonl", b'{"question": "a", "answer": "b"}\n',
+     r"x\.jsonl:1: cannot tell the data format from the fields \(question, answer\)"),
+    ("x.jsonl", b'{"prompt": "a", "response": "  "}\n', r"x\.jsonl:1: field 'response' is empty"),
+    ("x.jsonl", b"\n\n", r"x\.jsonl: no examples"),
+    ("x.json", b'[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]',
+     r"x\.json:3: invalid JSON"),
+    ("x.json", b'[\n  {"prompt": "a", "response": "b"}\n  {"prompt": "c"}\n]',
+     r"x\.json:3: invalid JSON: expected ',' or ']'"),
+    ("x.json", b'[\n{"prompt": "a", "response": "b"},\n\n{"prompt": "\xff", "response": "b"}]',
      r"x\.json:4: not valid UTF-8 \(byte 0xff at byte 13 of the line\)"),
-    (b'[{"prompt": "a", "response": "b"}] []', r"x\.json:1: invalid JSON: extra data after the array"),
-    (b'{\n  "data": [{"prompt": "a", "response": "b"}]\n}', r"x\.json: holds one JSON object, not records"),
-    (b'"text"', r"x\.json: expected a JSON array of records"),
-    (b"[]", r"x\.json: no examples"),
+    ("x.json", b'[{"prompt": "a", "response": "b"}] []', r"x\.json:1: invalid JSON: extra data after the array"),
+    ("x.json", b'{\n  "data": [{"prompt": "a", "response": "b"}]\n}', r"x\.json: holds one JSON object, not records"),
+    ("x.json", b'"text"', r"x\.json: expected a JSON array of records"),
+    ("x.json", b"[]", r"x\.json: no examples"),
 ])
-def test_json_errors(tmp_path, content, says):
-    path = tmp_path / "x.json"
+def test_json_file_errors(tmp_path, name, content, says):
+    path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ValueError, match=says):
         data.load_examples(path)
