@@ -38,7 +38,7 @@ class RunConfig:
     alpha: float = 0.5
     # data
     families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    jsonl: list[str] = field(default_factory=list)  # extra local JSONL training files (prompt/response)
+    jsonl: list[str] = field(default_factory=list)  # read like data (the older key)
     data: list[str] = field(default_factory=list)  # training files or folders (JSONL, JSON, Parquet, save_to_disk)
     data_format: str = ""  # "" = detect per file; alpaca | chat | prompt-response
     client_data: str = ""  # a folder with one file per client (file name = client id); clients follows it
