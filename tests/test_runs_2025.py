@@ -270,3 +270,38 @@ def test_report_to_checks(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name))
     with pytest.raises(ValueError, match=r"pip install 'fedmomentum\[tensorboard\]'"):
         RunConfig(report_to="tensorboard").validate()
+
+
+def test_checkpoint_keeps_the_clients_state_under_any_id(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lora = {"l": fm_pair(2, 3, 4)}
+    clients = {"bob.v2": {"B": {"l": torch.randn(3, 2)}}, "client-0": {"B": {"l": torch.randn(3, 2)}}}
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, checkpoint.Checkpoint(1, lora, {}, {}, {"x": 1}, clients))
+    loaded = checkpoint.load(path)
+    assert set(loaded.clients) == set(clients)
+    for client, factors in clients.items():
+        assert torch.equal(loaded.clients[client]["B"]["l"], factors["B"]["l"])
+    assert checkpoint.load(_resaved(path, tmp_path, load_file, save_file, {})).clients == {}
+    broken = _resaved(path, tmp_path, load_file, save_file, {"client.7.B.l": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="bad client tensor name 'client.7.B.l'"):
+        checkpoint.load(broken)
+
+
+def fm_pair(r, d, k):
+    from fedmomentum.types import LoraPair
+
+    return LoraPair(torch.randn(r, k), torch.randn(d, r))
+
+
+def _resaved(path, tmp_path, load_file, save_file, extra):
+    """The checkpoint with its client tensors replaced by ``extra`` (same metadata)."""
+    from safetensors import safe_open
+
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("client.")}
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    out = tmp_path / f"resaved{len(extra)}.safetensors"
+    save_file({**tensors, **extra}, str(out), metadata=metadata)
+    return out

@@ -41,12 +41,11 @@ def save(path: str | Path, checkpoint: Checkpoint) -> None:
     for name, delta in checkpoint.held.items():
         tensors[f"held.L.{name}"] = delta.left.contiguous()
         tensors[f"held.R.{name}"] = delta.right.contiguous()
-    for client, factors in checkpoint.clients.items():
-        if not client or "." in client:
-            raise ValueError(f"client id {client!r} cannot be stored in a checkpoint (empty, or has a '.')")
+    for index, factors in enumerate(checkpoint.clients.values()):  # ids (any text) go in the metadata
         for factor, layers in factors.items():
-            tensors.update({f"client.{client}.{factor}.{name}": value.contiguous() for name, value in layers.items()})
-    metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1"}
+            tensors.update({f"client.{index}.{factor}.{name}": value.contiguous() for name, value in layers.items()})
+    metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1",
+                "clients": json.dumps(list(checkpoint.clients))}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -66,6 +65,9 @@ def load(path: str | Path) -> Checkpoint:
         if metadata.get("format") != "fedmomentum/1":
             raise ValueError("not a fedmomentum checkpoint")
         round_, info = int(metadata["round"]), json.loads(metadata["info"])
+        ids = json.loads(metadata.get("clients", "[]"))
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError("the client ids are not a list of names")
     except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
         raise ValueError(f"corrupt or unreadable checkpoint {path}: {error}") from None
     try:
@@ -76,10 +78,10 @@ def load(path: str | Path) -> Checkpoint:
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     clients: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key in _names(tensors, "client."):
-        client, factor, name = (key.split(".", 2) + ["", ""])[:3]
-        if not client or factor not in FACTORS or not name:
+        index, factor, name = (key.split(".", 2) + ["", ""])[:3]
+        if not index.isdigit() or int(index) >= len(ids) or factor not in FACTORS or not name:
             raise ValueError(f"corrupt checkpoint {path}: bad client tensor name 'client.{key}'")
-        clients.setdefault(client, {}).setdefault(factor, {})[name] = tensors[f"client.{key}"]
+        clients.setdefault(ids[int(index)], {}).setdefault(factor, {})[name] = tensors[f"client.{key}"]
     return Checkpoint(round_, lora, backbone, held, info, clients)
 
 

@@ -8,7 +8,7 @@ clients between rounds (FedSA-LoRA's ``B``) is held here per client and saved in
 
 from __future__ import annotations
 
-from .build import Setup, client_examples, encode_all, prepare
+from .build import Setup, client_examples, client_ids, encode_all, prepare
 from .client import train_client
 from .config import RunConfig
 from .driver import ClientRound, Engine
@@ -24,8 +24,9 @@ class InProcess(Engine):
 
     features = frozenset({"start", "client_state", "client_ranks"})
 
-    def __init__(self, setup: Setup, client_data: list[list[dict]]):
+    def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None):
         self.setup, self.client_data = setup, client_data
+        self.ids = ids or [f"client-{index}" for index in range(len(client_data))]
         self.ranks = client_ranks(setup.config)
         self.kept: dict[str, dict[str, dict[str, Tensor]]] = {}  # client id → what the method keeps there
 
@@ -34,7 +35,7 @@ class InProcess(Engine):
         config, model, method = self.setup.config, self.setup.model, self.setup.method
         updates, losses = [], []
         for client in sample_clients(config, round):
-            client_id = f"client-{client}"
+            client_id = self.ids[client]
             adapter = rank_adapter(model, self.ranks[client])
             s_k = adapter_scaling(model, adapter)
             resized = self.ranks[client] != config.lora_r
@@ -67,7 +68,7 @@ def engine(config: RunConfig, model=None, tokenizer=None) -> tuple[Setup, InProc
     """The server's setup and the in-process engine for ``config`` (the model is loaded unless given)."""
     parts, held_out = client_examples(config)
     setup = prepare(default_out(config), model, tokenizer, held_out)
-    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts])
+    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config))
 
 
 def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, quiet: bool = False) -> dict:
