@@ -27,6 +27,8 @@ class Checkpoint:
     held: dict[str, LowRank]  # deltas the method holds back for a later round (``Aggregate.held``)
     info: dict  # JSON-able: config, records needed to continue
     clients: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)  # id → factor → layer
+    # the backbone's whole change since the original base, factored (``backbone_change``); None: not tracked
+    change: dict[str, LowRank] | None = None
 
 
 FACTORS = ("A", "B")
@@ -44,8 +46,11 @@ def save(path: str | Path, checkpoint: Checkpoint) -> None:
     for index, factors in enumerate(checkpoint.clients.values()):  # ids (any text) go in the metadata
         for factor, layers in factors.items():
             tensors.update({f"client.{index}.{factor}.{name}": value.contiguous() for name, value in layers.items()})
+    for name, delta in (checkpoint.change or {}).items():
+        tensors[f"change.L.{name}"] = delta.left.contiguous()
+        tensors[f"change.R.{name}"] = delta.right.contiguous()
     metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1",
-                "clients": json.dumps(list(checkpoint.clients))}
+                "clients": json.dumps(list(checkpoint.clients)), "change": str(checkpoint.change is not None)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -66,6 +71,7 @@ def load(path: str | Path) -> Checkpoint:
             raise ValueError("not a fedmomentum checkpoint")
         round_, info = int(metadata["round"]), json.loads(metadata["info"])
         ids = json.loads(metadata.get("clients", "[]"))
+        tracked = metadata.get("change") == "True"
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError("the client ids are not a list of names")
     except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
@@ -73,6 +79,8 @@ def load(path: str | Path) -> Checkpoint:
     try:
         lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in _names(tensors, "lora.A.")}
         held = {n: LowRank(tensors[f"held.L.{n}"], tensors[f"held.R.{n}"]) for n in _names(tensors, "held.L.")}
+        change = ({n: LowRank(tensors[f"change.L.{n}"], tensors[f"change.R.{n}"]) for n in _names(tensors, "change.L.")}
+                  if tracked else None)
     except KeyError as missing:
         raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -82,7 +90,7 @@ def load(path: str | Path) -> Checkpoint:
         if not index.isdigit() or int(index) >= len(ids) or factor not in FACTORS or not name:
             raise ValueError(f"corrupt checkpoint {path}: bad client tensor name 'client.{key}'")
         clients.setdefault(ids[int(index)], {}).setdefault(factor, {})[name] = tensors[f"client.{key}"]
-    return Checkpoint(round_, lora, backbone, held, info, clients)
+    return Checkpoint(round_, lora, backbone, held, info, clients, change)
 
 
 def _names(tensors: dict, prefix: str) -> list[str]:

@@ -67,6 +67,7 @@ class RunConfig:
     device: str = "cpu"
     out: str = ""  # "" = runs/<method>
     export_merged: bool = False
+    export_rank: int = 0  # adapter_for_original_base/: 0 = the change's numerical rank, else at most this
     report_to: str | list[str] = "none"  # "tensorboard": per-round scalars also as TensorBoard events
 
     def train_config(self) -> TrainConfig:
@@ -95,6 +96,7 @@ class RunConfig:
              "local_steps, batch_size and grad_accum must be ≥ 1"),
             (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
             (self.lora_r >= 1, "lora_r must be ≥ 1"),
+            (isinstance(self.export_rank, int) and self.export_rank >= 0, "export_rank must be an integer ≥ 0"),
             (self.eval_every >= 1, "eval_every must be ≥ 1"),
             (self.families or self.jsonl or self.data or self.client_data,
              "give at least one task family, data file or client_data folder"),

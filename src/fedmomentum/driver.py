@@ -17,23 +17,28 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import checkpoint, report
+from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .evaluate import evaluate
+from .models import default_model_dir
 from .peft_io import (
+    ADAPTER,
     BackboneWeights,
     apply_backbone,
     export_adapter,
     export_merged,
     get_backbone,
     get_lora,
+    save_adapter,
     set_backbone,
     set_lora,
 )
 from .records import Records
 from .schedule import round_lr
-from .types import Aggregate, ClientUpdate, LoraPair, Tensor
+from .types import Aggregate, ClientUpdate, LoraPair, LowRank, Tensor
 
 CHECKPOINT = "checkpoint.safetensors"
+FOR_ORIGINAL_BASE = "adapter_for_original_base"
 
 
 @dataclass
@@ -89,7 +94,7 @@ def comparable(config) -> dict:
     """The config fields that must match to resume (output, export, device, reporting and the number of rounds may
     change)."""
     return {k: v for k, v in config.to_dict().items()
-            if k not in ("out", "export_merged", "device", "rounds", "report_to")}
+            if k not in ("out", "export_merged", "export_rank", "device", "rounds", "report_to")}
 
 
 def check_engine(setup: Setup, engine: Engine) -> None:
@@ -106,25 +111,27 @@ def check_engine(setup: Setup, engine: Engine) -> None:
             raise ValueError(f"the {engine.name} engine cannot run this yet: {why}")
 
 
-def start_method(setup: Setup, engine: Engine) -> None:
-    """Before round 0: a method that initialises from the backbone (FRLoRA) changes the adapter and backbone."""
+def start_method(setup: Setup, engine: Engine) -> dict[str, LowRank]:
+    """Before round 0: a method that initialises from the backbone (FRLoRA) changes the adapter and backbone;
+    returns the backbone deltas it applied."""
     if not setup.method.uses_backbone:
-        return
+        return {}
     result = setup.method.start(get_lora(setup.model), BackboneWeights(setup.model), scaling=setup.scaling)
     if result is None:
-        return
+        return {}
     apply_backbone(setup.model, result.backbone)
     set_lora(setup.model, result.lora)
     engine.after_start(result)
+    return result.backbone
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def restore(setup: Setup, out: Path, engine: Engine | None = None) -> int:
+def restore(setup: Setup, out: Path, engine: Engine | None = None) -> tuple[int, dict[str, LowRank] | None]:
     """Load the checkpoint in ``out`` into the server's model and method (and the clients' state into ``engine``);
-    returns the rounds it holds."""
+    returns the rounds it holds and the backbone's whole change (None when the checkpoint did not track it)."""
     state = checkpoint.load(out / CHECKPOINT)
     if state.info.get("config") != comparable(setup.config):
         raise ValueError(f"{out / CHECKPOINT} was written by a different config; resume with the same one")
@@ -133,7 +140,7 @@ def restore(setup: Setup, out: Path, engine: Engine | None = None) -> int:
     setup.method.held = state.held
     if engine is not None:
         engine.load_client_state(state.clients)
-    return state.round
+    return state.round, state.change
 
 
 def aggregate(setup: Setup, global_lora: dict[str, LoraPair], updates: list[ClientUpdate],
@@ -175,11 +182,12 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     check_engine(setup, engine)
-    done = restore(setup, out, engine) if resume else 0
+    done, saved = restore(setup, out, engine) if resume else (0, {})
+    change = None if saved is None else BackboneChange(saved)  # the backbone's whole change, for the export
     if resume:
         engine.restore(out, done)
     else:
-        start_method(setup, engine)
+        change.add(start_method(setup, engine))
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     records = Records(out, keep_rounds=done if resume else None, report_to=config.report_to)
     log = (lambda _: None) if quiet else engine.log
@@ -195,6 +203,8 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
         previous = global_lora
         result, record = run_round(setup, engine, global_lora, round)
         global_lora = result.lora
+        if change is not None:
+            change.add(result.backbone)
         last = round + 1 == config.rounds
         if (round + 1) % config.eval_every == 0 or last:
             due = config.accuracy_every and (round + 1) % config.accuracy_every == 0
@@ -203,21 +213,50 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
         records.append(record, result.stats["layers"])
         checkpoint.save(out / CHECKPOINT, checkpoint.Checkpoint(
             round + 1, global_lora, get_backbone(setup.model), result.held, {"config": comparable(config)},
-            engine.client_state()))
+            engine.client_state(), None if change is None else change.deltas))
         log(report.round_line(record))
     records.close()
     summary = report.summarize(records.rows, config, seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
     engine.finish(summary, records.rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report.plot_curves(records.rows, out / "curves.png", title=config.method)
-    export(setup, out, backbone_changed=any(row.get("residual_rank") for row in records.rows))
+    backbone_changed = any(row.get("residual_rank") for row in records.rows)
+    exported = export(setup, out, backbone_changed, None if change is None else change.deltas)
+    if exported:
+        summary[FOR_ORIGINAL_BASE] = exported
+        log(f"{FOR_ORIGINAL_BASE}/: rank ≤ {exported['rank']} over {exported['layers']} layers, "
+            f"energy dropped {exported['energy_dropped']:.3g}")
+    elif backbone_changed:
+        log(f"no {FOR_ORIGINAL_BASE}/: the checkpoint this run resumed from did not track the backbone's change")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def export(setup: Setup, out: Path, backbone_changed: bool) -> None:
-    """``adapter/`` (and ``base/`` when the backbone changed: the adapter belongs to it), ``merged/`` on request."""
+def original_base(config) -> str:
+    """Where the run's original base model is (what ``adapter_for_original_base/`` belongs to)."""
+    if config.model is None:
+        return str(default_model_dir())
+    return config.model if config.model == "tiny" else str(Path(config.model).expanduser().resolve())
+
+
+def export(setup: Setup, out: Path, backbone_changed: bool, change: dict[str, LowRank] | None = None) -> dict | None:
+    """``adapter/`` (and ``base/`` when the backbone changed: the adapter belongs to it), ``merged/`` on request.
+
+    When the backbone changed and its whole change is known, also ``adapter_for_original_base/``: one LoRA adapter
+    holding every backbone delta plus the final ``s·B·A``, for the original base model; returns its ranks and the
+    energy ``export_rank`` dropped (``None`` when not written)."""
     if backbone_changed:
         export_merged(setup.model, out / "base", setup.tokenizer, merge=False)
     export_adapter(setup.model, out / "adapter", base=(out / "base").resolve() if backbone_changed else None)
     if setup.config.export_merged:
         export_merged(setup.model, out / "merged", setup.tokenizer)
+    if not backbone_changed or change is None:
+        return None
+    factors, layers = whole_change(change, get_lora(setup.model), setup.scaling, setup.config.export_rank or None)
+    if not factors:
+        return None
+    save_adapter(out / FOR_ORIGINAL_BASE, factors, setup.model.peft_config[ADAPTER], original_base(setup.config))
+    energies = [layer["energy"] for layer in layers.values()]
+    dropped = sum(layer["energy"] * layer["energy_dropped"] for layer in layers.values())
+    return {"rank": max(layer["rank"] for layer in layers.values()), "layers": len(layers),
+            "mean_rank": sum(layer["rank"] for layer in layers.values()) / len(layers),
+            "energy_dropped": dropped / sum(energies) if sum(energies) > 0 else 0.0}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from .types import LoraPair, LowRank
@@ -215,3 +216,25 @@ def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge
     plain.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def save_adapter(folder: str | Path, factors: dict[str, LoraPair], like: LoraConfig, base: str | None) -> None:
+    """A PEFT LoRA adapter folder holding ``factors`` as given (``B @ A`` is each layer's whole delta: every layer's
+    ``lora_alpha`` equals its own rank, so PEFT's scaling is 1), with the settings of ``like`` and ranks per layer
+    (``rank_pattern``), for the base model at ``base``. Written directly: no model is built."""
+    if not factors:
+        raise ValueError("no layer to put in the adapter")
+    ranks = {name: pair.rank for name, pair in factors.items()}
+    top = max(ranks.values())
+    config = LoraConfig(r=top, lora_alpha=top, target_modules=sorted(factors), rank_pattern=ranks,
+                        alpha_pattern={name: float(r) for name, r in ranks.items()}, lora_dropout=like.lora_dropout,
+                        fan_in_fan_out=like.fan_in_fan_out, bias="none", task_type=like.task_type,
+                        base_model_name_or_path=base)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, pair in factors.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = pair.A.detach().float().cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = pair.B.detach().float().cpu().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
