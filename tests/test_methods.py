@@ -452,6 +452,8 @@ def test_frlora_folds_the_round_into_the_backbone_and_restarts_at_the_same_init(
         model = backbone[layer] + SCALING * np64(init.B) @ np64(init.A)
         assert rel(model, reference[layer]) < 1e-5
     assert not method.state_dict()  # nothing held: the init is the global adapter itself
+    # the clients already hold (A₀, B₀): the downlink is the backbone delta alone
+    assert agg.stats["downlink_bytes"] == 4 * sum(d.left.numel() + d.right.numel() for d in agg.backbone.values())
 
 
 # --- FedSA-LoRA ----------------------------------------------------------------------------------------------

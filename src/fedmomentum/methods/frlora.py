@@ -43,6 +43,11 @@ class FRLoRA(Method):
     def exact(self) -> bool:  # type: ignore[override]
         return self.average == "products"
 
+    def shared(self, round):
+        """Nothing of the adapter: it is ``(A₀, B₀)`` every round, which the clients have had since the start; they
+        receive only the backbone delta."""
+        return {"A": False, "B": False}
+
     def start(self, global_lora, weights, *, scaling):
         """The PiSSA-style adapter ``(A₀, B₀)`` from each weight's top-``r`` SVD, and ``−s B₀ A₀`` for the backbone."""
         lora, backbone, layers = {}, {}, {}
