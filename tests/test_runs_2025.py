@@ -305,3 +305,16 @@ def _resaved(path, tmp_path, load_file, save_file, extra):
     out = tmp_path / f"resaved{len(extra)}.safetensors"
     save_file({**tensors, **extra}, str(out), metadata=metadata)
     return out
+
+
+def test_compare_writes_one_csv_for_methods_with_and_without_an_original_base_adapter(tmp_path):
+    import csv
+
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "--model", "tiny", "--methods", "fedit,flora", "--rounds", "1",
+                                      "--clients", "2", "--clients-per-round", "2", "--local-steps", "1",
+                                      "--set", "accuracy_per_family=0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [row["method"] for row in rows] == ["fedit", "flora"]
+    assert rows[0]["adapter_for_original_base/rank"] == "" and int(rows[1]["adapter_for_original_base/rank"]) > 0

@@ -144,10 +144,14 @@ def compare(
         curves[name] = rows
     table = report.compare_table(summaries)
     (root / "compare.md").write_text(table + "\n")
+    rows = [{f"{key}/{inner}" if isinstance(value, dict) else key: part
+             for key, value in summary.items()
+             for inner, part in (value.items() if isinstance(value, dict) else [(None, value)])}
+            for summary in summaries]  # nested values (adapter_for_original_base) as key/inner columns
     with (root / "compare.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summaries[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
-        writer.writerows(summaries)
+        writer.writerows(rows)
     report.plot_compare(curves, root / "compare.png")
     typer.echo(table)
     typer.echo(f"\nwrote {root / 'compare.md'}, {root / 'compare.csv'}, {root / 'compare.png'}")
