@@ -13,6 +13,8 @@ compressed to rank ``q − r`` (that would cost as much again as the QRs).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
@@ -30,6 +32,10 @@ class FedMomentum(Method):
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
                  merge_every: int = 1, svd: str = "factored", **common):
         super().__init__(**common)
+        if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):
+            raise ValueError(f"residual_energy must be a number in (0, 1], got {residual_energy!r}")
+        if not isinstance(merge_residual, bool):
+            raise ValueError(f"merge_residual must be true or false, got {merge_residual!r}")
         if not 0.0 < residual_energy <= 1.0:
             raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
         if split not in SPLITS:
