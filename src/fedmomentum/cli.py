@@ -25,7 +25,6 @@ from typer.core import TyperGroup
 from . import config as config_io
 from . import methods as method_registry
 from . import report, rundir
-from .coerce import convert
 from .records import read_metrics
 
 HELP = ("Federated LoRA fine-tuning of LLMs: FedMomentum and its baselines, on transformers + PEFT, in this "
@@ -86,8 +85,7 @@ def _overrides(sets, options, **flags) -> dict:
     values = {k: v for k, v in flags.items() if v is not None}
     values.update(_parse_pairs(sets, "--set"))
     if options:
-        values["method_options"] = {**convert(values.get("method_options", {}), dict, "config key method_options"),
-                                    **_parse_pairs(options, "--option")}
+        values = config_io.merge(values, {"method_options": _parse_pairs(options, "--option")})
     return values
 
 
@@ -188,7 +186,7 @@ def run(
             if out is not None and Path(out).resolve() != resume.resolve():
                 raise ValueError(f"--out {out} and --resume {resume} name different folders; a run resumes in its "
                                  "own folder")
-            given = {**(config_io.read(config) if config is not None else {}), **overrides}
+            given = config_io.merge(config_io.read(config) if config is not None else {}, overrides)
             cfg = config_io.resumed(_saved_config(resume), given, out=str(resume))
         else:
             cfg = default_out(config_io.load(config, overrides))

@@ -184,10 +184,23 @@ def read(path: str | Path) -> dict:
     return values
 
 
+def merge(*layers: dict) -> dict:
+    """Config values laid over each other, later ones winning; ``method_options`` are merged key by key (a file's
+    options and ``-o`` flags add up)."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "method_options" and "method_options" in merged:
+                what = "config key method_options"
+                value = {**convert(merged[key], dict, what), **convert(value, dict, what)}
+            merged[key] = value
+    return merged
+
+
 def load(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
     """Read a TOML or YAML file (or nothing), then apply ``overrides`` (e.g. from CLI flags)."""
     values = read(path) if path is not None else {}
-    config = from_dict({**values, **(overrides or {})})
+    config = from_dict(merge(values, overrides or {}))
     config.validate()
     return config
 

@@ -189,8 +189,12 @@ def export(setup: Setup, out: Path, backbone_changed: bool) -> None:
             with rundir.writing(out / "base"):
                 export_merged(setup.model, staging / "base", setup.tokenizer, merge=False)
         with rundir.writing(out / "adapter"):
-            export_adapter(setup.model, staging / "adapter",
-                           base=(out / "base").resolve() if backbone_changed else None)
+            export_adapter(setup.model, staging / "adapter", base=staging / "base" if backbone_changed else None)
+            if backbone_changed:  # the adapter belongs to base/ where it will be, not where it is built
+                settings = staging / "adapter" / "adapter_config.json"
+                values = json.loads(settings.read_text())
+                settings.write_text(json.dumps({**values, "base_model_name_or_path": str((out / "base").resolve())},
+                                               indent=2) + "\n")
         if setup.config.export_merged:
             with rundir.writing(out / "merged"):
                 export_merged(setup.model, staging / "merged", setup.tokenizer)
