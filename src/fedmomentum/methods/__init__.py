@@ -46,7 +46,7 @@ def parse_options(name: str, opts: dict) -> dict:
     """Options from a file or the command line converted to their declared types (``"0.99"`` → 0.99,
     ``"false"`` → False); a value that does not convert is a ``ValueError`` naming the option and the value."""
     kinds = option_types(name)
-    return {key: _parse(value, kinds[key], f"option {key} of {name}") if key in kinds else value
+    return {key: _parse(value, kinds[key], f"{name} option {key}") if key in kinds else value
             for key, value in opts.items()}
 
 
@@ -75,7 +75,7 @@ def create(name: str, **opts) -> Method:
                          f"it accepts {', '.join(allowed)}")
     kinds = option_types(name)
     for key, value in opts.items():
-        check(value, kinds[key], f"option {key} of {name}")  # merge_residual="no" is an error, not True
+        check(value, kinds[key], f"{name} option {key}")  # merge_residual="no" is an error, not True
     return get(name)(**opts)
 
 

@@ -40,12 +40,12 @@ class FedMomentum(Method):
             raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
+        if isinstance(merge_every, bool) or not isinstance(merge_every, numbers.Integral) or merge_every < 1:
             raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
         self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
-        self.merge_every, self.svd = merge_every, svd
+        self.merge_every, self.svd = int(merge_every), svd
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
