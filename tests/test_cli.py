@@ -214,6 +214,17 @@ def test_a_bug_is_a_short_traceback_without_locals(tmp_path, monkeypatch):
     assert "a training example" not in result.output and len(result.output.splitlines()) < 40
 
 
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "evaluate", interrupt)
+    result = invoke("run", *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"interrupted; continue with `fedmomentum run --resume {tmp_path / 'run'}`"
+
+
 # --- no run is overwritten -----------------------------------------------------------------------------------
 
 
