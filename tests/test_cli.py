@@ -142,6 +142,8 @@ def test_clients_per_round_follows_clients(tmp_path):
     assert config_io.load(None, {"clients": "3"}).clients_per_round == 3
     assert config_io.load(None, {"clients": "16"}).clients_per_round == 4
     assert config_io.load(None, {"clients": 3, "clients_per_round": 2}).clients_per_round == 2
+    assert config_io.RunConfig().replace(clients=2).clients_per_round == 2
+    assert config_io.RunConfig(clients=8, clients_per_round=3).replace(clients=6).clients_per_round == 3
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")

@@ -275,7 +275,7 @@ def _compare_step(cfg: config_io.RunConfig, resume: bool, overwrite: bool) -> tu
     checked for every method before any runs, so a refusal costs nothing."""
     folder = Path(cfg.out)
     if not resume or not (folder / rundir.CONFIG).is_file():
-        rundir.check(folder, overwrite)
+        rundir.check(folder, overwrite, resume_flag="compare --resume")
         return cfg, "new"
     changed = config_io.differences(_saved_config(folder), cfg.to_dict())
     if changed:

@@ -86,7 +86,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> RunConfig:
-        return from_dict({**self.to_dict(), **changes})
+        values = {**self.to_dict(), **changes}
+        if "clients" in changes and "clients_per_round" not in changes \
+                and self.clients_per_round == min(DEFAULT_CLIENTS_PER_ROUND, self.clients):
+            values["clients_per_round"] = None  # it followed clients: it still does
+        return from_dict(values)
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for a value of the wrong type, out of range, or naming no device here."""

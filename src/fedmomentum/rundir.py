@@ -22,14 +22,16 @@ from safetensors import SafetensorError
 CONFIG = "config.json"
 
 
-def check(out: Path, overwrite: bool = False) -> None:
-    """Refuse (one line) to start a new run in ``out`` when it holds files, unless ``overwrite`` and it holds a run."""
+def check(out: Path, overwrite: bool = False, resume_flag: str | None = None) -> None:
+    """Refuse (one line) to start a new run in ``out`` when it holds files, unless ``overwrite`` and it holds a run.
+    ``resume_flag`` is how the message tells to continue instead (default ``--resume OUT``)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"{out} already holds a run or other files; continue it with --resume {out}, replace it "
-                             "with --overwrite, or choose another --out")
+            how = resume_flag or f"--resume {out}"
+            raise ValueError(f"{out} already holds a run or other files; continue it with {how}, replace it with "
+                             "--overwrite, or choose another --out")
         if not (out / CONFIG).is_file():
             raise ValueError(f"--overwrite refused: {out} holds files but no run ({CONFIG}); empty it yourself or "
                              "choose another --out")
