@@ -17,6 +17,7 @@ import yaml
 
 from .client import TrainConfig
 from .coerce import check, convert
+from .data import FORMATS, client_sources
 
 DEFAULT_FAMILIES = ["basic_arithmetic", "chain_sum", "gsm_symbolic", "leg_counting", "gcd"]
 DEFAULT_CLIENTS_PER_ROUND = 4  # or every client, when there are fewer
@@ -48,9 +49,13 @@ class RunConfig:
     alpha: float = 0.5
     # data
     families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    jsonl: list[str] = field(default_factory=list)  # extra local JSONL training files (prompt/response)
+    jsonl: list[str] = field(default_factory=list)  # read like data (the older key)
+    data: list[str] = field(default_factory=list)  # training files or folders (JSONL, JSON, Parquet, save_to_disk)
+    data_format: str = ""  # "" = detect per file; alpaca | chat | prompt-response
+    client_data: str = ""  # a folder with one file per client (file name = client id); clients follows it
     train_per_family: int = 200
     eval_per_family: int = 8
+    eval_fraction: float = 0.1  # held-out share of each data / client_data file (at most eval_per_family)
     max_length: int = 128
     # local training
     local_steps: int = 4
@@ -123,11 +128,20 @@ class RunConfig:
              "accuracy_every, accuracy_per_family and gsm8k_eval must be ≥ 0"),
             (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
             (self.seed >= 0, "seed must be ≥ 0"),
-            (self.families or self.jsonl, "give at least one task family or JSONL file"),
+            (self.families or self.jsonl or self.data or self.client_data,
+             "give at least one task family, data file or client_data folder"),
+            (all(p for p in self.data), "data must be a list of file or folder paths"),
+            (self.data_format in ("", *FORMATS), f"data_format must be empty (detect) or one of {', '.join(FORMATS)}"),
+            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
+        if self.client_data:
+            count = len(client_sources(self.client_data))
+            if count != self.clients:
+                raise ValueError(f"bad config: client_data {self.client_data} holds {count} clients but clients = "
+                                 f"{self.clients}; leave clients out (it follows the folder) or make them agree")
         check_device(self.device)
 
 
@@ -167,6 +181,8 @@ def from_dict(values: dict) -> RunConfig:
                            for key in unknown)
         raise ValueError(f"unknown config key(s): {listed}")
     typed = {key: convert(value, TYPES[key], f"config key {key}") for key, value in values.items()}
+    if typed.get("client_data") and "clients" not in typed:  # the folder says how many clients there are
+        typed["clients"] = len(client_sources(typed["client_data"]))
     method = typed.get("method", FIELDS["method"].default)
     if typed.get("method_options") and method in methods.names():
         typed["method_options"] = methods.parse_options(method, typed["method_options"])
