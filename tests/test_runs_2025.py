@@ -190,7 +190,9 @@ def test_client_ranks_rules():
     drawn = client_ranks(base.replace(client_ranks="random:2,4,8"))
     assert drawn == client_ranks(base.replace(client_ranks="random:2,4,8")) and set(drawn) <= {2, 4, 8}
     assert drawn != client_ranks(base.replace(client_ranks="random:2,4,8", seed=3)) or len(set(drawn)) == 1
-    for spec, message in [([2, 4], "2 ranks for 5 clients"), ("cycle", "must be 'cycle:"),
+    assert client_ranks(base.replace(client_ranks="[1, 2, 3, 4, 5]")) == [1, 2, 3, 4, 5]  # text of a list
+    assert client_ranks(base.replace(client_ranks="2,2,4,4,8")) == [2, 2, 4, 4, 8]
+    for spec, message in [([2, 4], "2 ranks for 5 clients"), ("cycle", "a list of integers or a rule"),
                           ("even:2,4", "must be 'cycle:"), ("cycle:2,x", "must be integers"), ("cycle:", "no rank"),
                           ([2, 4, 0, 4, 4], "≥ 1"), ([2, 4, 2.5, 4, 4], "≥ 1"), (7, "a list of ranks")]:
         with pytest.raises(ValueError, match=message):
@@ -260,6 +262,7 @@ def test_tensorboard_holds_every_per_round_scalar(tmp_path, fresh_tiny, small_co
 
 def test_report_to_checks(monkeypatch):
     assert check_report_to("none") == [] and check_report_to(["tensorboard"]) == ["tensorboard"]
+    assert check_report_to("[tensorboard]") == ["tensorboard"] == check_report_to("tensorboard, none")
     with pytest.raises(ValueError, match="report_to: unknown 'wandb'"):
         check_report_to(["tensorboard", "wandb"])
     with pytest.raises(ValueError, match="report_to must be a name or a list"):

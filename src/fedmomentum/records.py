@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from .rundir import write_text, writing
+
 REPORTERS = ("none", "tensorboard")  # transformers' spelling
 TENSORBOARD = "tensorboard"  # the folder under the run's output
 
@@ -15,7 +17,9 @@ TENSORBOARD = "tensorboard"  # the folder under the run's output
 def check_report_to(report_to: str | list[str]) -> list[str]:
     """The reporters asked for (``"none"`` dropped); an unknown one, or TensorBoard without its package, is an
     error saying what to do."""
-    names = [report_to] if isinstance(report_to, str) else report_to
+    if isinstance(report_to, str):  # one name, or the text of a list ("[tensorboard]", "tensorboard,none")
+        report_to = [n.strip() for n in report_to.strip().strip("[]").split(",") if n.strip()] or ["none"]
+    names = report_to
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"report_to must be a name or a list of names, got {report_to!r}")
     unknown = [n for n in names if n not in REPORTERS]
@@ -56,16 +60,32 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | Path, torn_tail: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped); a line that is not a JSON object is a ``ValueError``
+    naming the file and the line, except, with ``torn_tail``, the last one (a write a crash cut short)."""
+    path = Path(path)
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            if torn_tail and index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{number}: not a record of this run (a JSON object with a round)")
+        rows.append(row)
+    return rows
 
 
 class Records:
     """Appends to ``metrics.jsonl`` and ``aggregation.jsonl`` in ``out``; ``rows`` holds the metrics so far.
 
     ``keep_rounds=None`` starts both files empty; on resume, ``keep_rounds`` drops the rounds the checkpoint
-    does not hold (a crash may have recorded a round it never checkpointed). ``report_to`` adds TensorBoard.
+    does not hold (a crash may have recorded a round it never checkpointed, or only part of its line).
+    ``report_to`` adds TensorBoard.
     """
 
     def __init__(self, out: Path, keep_rounds: int | None = None, report_to: str | list[str] = "none"):
@@ -75,18 +95,18 @@ class Records:
         self.metrics, self.layers = out / "metrics.jsonl", out / "aggregation.jsonl"
         self.rows: list[dict] = []
         for path in (self.metrics, self.layers):
-            rows = [] if keep_rounds is None or not path.exists() else read_jsonl(path)
+            rows = [] if keep_rounds is None or not path.exists() else read_jsonl(path, torn_tail=True)
             rows = [row for row in rows if row["round"] <= (keep_rounds or 0)]
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
             if path == self.metrics:
                 self.rows = rows
 
     def append(self, record: dict, layers: dict | None = None) -> None:
         self.rows.append(record)
-        with self.metrics.open("a") as handle:
+        with writing(self.metrics), self.metrics.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if layers is not None:
-            with self.layers.open("a") as handle:
+            with writing(self.layers), self.layers.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"round": record["round"], "layers": layers}) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(record)

@@ -25,9 +25,15 @@ RANK_RULES = ("cycle", "random")
 
 def client_ranks(config: RunConfig) -> list[int]:
     """Each client's LoRA rank, from ``config.client_ranks``: unset, every client has ``lora_r``; a list, one rank
-    per client; or a rule over a set of ranks, ``"cycle:2,4,8"`` (client ``i`` gets the ``i``-th, round robin) or
-    ``"random:2,4,8"`` (a seeded draw per client)."""
+    per client (also as text, ``"[2,4,8]"`` or ``"2,4,8"``); or a rule over a set of ranks, ``"cycle:2,4,8"``
+    (client ``i`` gets the ``i``-th, round robin) or ``"random:2,4,8"`` (a seeded draw per client)."""
     spec = config.client_ranks
+    if isinstance(spec, str) and ":" not in spec:  # text of a list, as the command line gives it: "[2,4]", "2,4"
+        try:
+            spec = [int(v) for v in spec.strip().strip("[]").split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"client_ranks {config.client_ranks!r} must be a list of integers or a rule such as "
+                             "'cycle:4,8'") from None
     if spec is None or spec == []:
         return [config.lora_r] * config.clients
     if isinstance(spec, str):
