@@ -7,6 +7,7 @@ Fault injection lives here, never in the production ClientApp.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -433,8 +434,8 @@ class Loopback:
         text = path.read_text() if path.exists() else f'[superlink]\ndefault = "{name}"\n'
         text += f'\n[superlink.{name}]\naddress = "{address}"\n'
         for key, value in settings.items():
-            text += f"{key} = {str(value).lower() if isinstance(value, bool) else repr(str(value))}\n"
-        path.write_text(text.replace("'", '"'))
+            text += f"{key} = {json.dumps(value)}\n"
+        path.write_text(text)
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         handle = (self.logs / f"{name}.log").open("a")
