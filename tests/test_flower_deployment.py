@@ -136,7 +136,7 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     train = [write_jsonl(data / "node-0.jsonl", "sums", 12, 3), write_jsonl(data / "node-1.jsonl", "sums", 9, 7)]
     held_out = write_jsonl(data / "server-held-out.jsonl", "sums", 4, 11)
     config_file = tmp_path / "run.toml"
-    config_file.write_text("local_steps = 3\nweight_decay = 0.01\n")
+    config_file.write_text("weight_decay = 0.01\nmax_grad_norm = 0.5\nlr = 0.5\n")  # lr: --run-config wins
     out = tmp_path / "run"
     loopback = Loopback(tmp_path)
     loopback.connection("my-federation", f"127.0.0.1:{link}", **{"root-certificates": str(certs / "ca.crt")})
@@ -178,7 +178,7 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     assert "Failed to activate SuperNode" in loopback.log("stranger") and stranger.poll() is not None
     config = json.loads((out / "config.json").read_text())
     assert config["method_options"] == {"residual_energy": 0.99} and config["lr_schedule"] == "linear"
-    assert (config["local_steps"], config["weight_decay"]) == (3, 0.01)  # from config-file
+    assert (config["weight_decay"], config["max_grad_norm"], config["lr"]) == (0.01, 0.5, 0.005)
     records = rows(out)
     assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] for r in records[1:])
     assert {k for k in records[0] if k.startswith("loss/")} == {"loss/sums"}
