@@ -316,10 +316,11 @@ def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference, flo
 
 
 @pytest.mark.slow
-def test_ray_simulation_survives_a_raising_and_a_nan_client(tmp_path, flower_config):
-    config = flower_config(tmp_path, "faults", clients=3, clients_per_round=3, rounds=1)
-    ray_simulation(config, num_supernodes=3, faults={1: "raise", 2: "nan"})
+def test_ray_simulation_survives_bad_replies(tmp_path, flower_config):
+    config = flower_config(tmp_path, "faults", clients=4, clients_per_round=4, rounds=1, partition="iid")
+    ray_simulation(config, num_supernodes=4, faults={1: "raise", 2: "header-37gib", 3: "huge-factors"})
     record = rows(config.out)[1]
     assert record["client_ids"] == ["client-0"]
     assert "injected failure" in record["failed"]["client-1"]
-    assert "NaN or Inf" in record["rejected"]["client-2"]
+    assert TRAIN_FAULTS["header-37gib"] in record["rejected"]["client-2"]
+    assert TRAIN_FAULTS["huge-factors"] in record["rejected"]["client-3"]
