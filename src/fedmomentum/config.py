@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .client import TrainConfig
+from .data import FORMATS, client_sources
 
 DEFAULT_FAMILIES = ["basic_arithmetic", "chain_sum", "gsm_symbolic", "leg_counting", "gcd"]
 
@@ -37,9 +38,13 @@ class RunConfig:
     alpha: float = 0.5
     # data
     families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    jsonl: list[str] = field(default_factory=list)  # extra local JSONL training files (prompt/response)
+    jsonl: list[str] = field(default_factory=list)  # read like data (the older key)
+    data: list[str] = field(default_factory=list)  # training files or folders (JSONL, JSON, Parquet, save_to_disk)
+    data_format: str = ""  # "" = detect per file; alpaca | chat | prompt-response
+    client_data: str = ""  # a folder with one file per client (file name = client id); clients follows it
     train_per_family: int = 200
     eval_per_family: int = 8
+    eval_fraction: float = 0.1  # held-out share of each data / client_data file (at most eval_per_family)
     max_length: int = 128
     # local training
     local_steps: int = 4
@@ -87,12 +92,22 @@ class RunConfig:
             (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
             (self.lora_r >= 1, "lora_r must be ≥ 1"),
             (self.eval_every >= 1, "eval_every must be ≥ 1"),
-            (self.families or self.jsonl, "give at least one task family or JSONL file"),
+            (self.families or self.jsonl or self.data or self.client_data,
+             "give at least one task family, data file or client_data folder"),
+            (isinstance(self.data, list) and all(isinstance(p, str) and p for p in self.data),
+             "data must be a list of file or folder paths"),
+            (self.data_format in ("", *FORMATS), f"data_format must be empty (detect) or one of {', '.join(FORMATS)}"),
+            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
             (self.device == "cpu" or self.device.startswith("cuda"), "device must be cpu or cuda[:N]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
+        if self.client_data:
+            count = len(client_sources(self.client_data))
+            if count != self.clients:
+                raise ValueError(f"bad config: client_data {self.client_data} holds {count} clients but clients = "
+                                 f"{self.clients}; leave clients out (it follows the folder) or make them agree")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -102,6 +117,9 @@ def from_dict(values: dict) -> RunConfig:
     """A config from plain values; an unknown key is an error that names it and the nearest known keys."""
     import difflib
 
+    if isinstance(values.get("client_data"), str) and values["client_data"] and "clients" not in values:
+        # the folder says how many clients there are
+        values = {**values, "clients": len(client_sources(values["client_data"]))}
     unknown = [key for key in values if key not in FIELDS]
     if unknown:
         hints = {key: difflib.get_close_matches(key, FIELDS, n=1) for key in unknown}
