@@ -259,11 +259,13 @@ def write_jsonl(path: Path, family: str, count: int, marker: str) -> Path:
 
 
 def test_nodes_train_on_their_own_data_which_never_leaves_them(tmp_path, flower_config):
-    """Each node trains on the file or folder of its node config (``data``) and sends only its example count; the
-    server evaluates on its own file (``eval-data``); a node whose data cannot be read is left out, saying why."""
+    """Each node trains on the file or folder of its node config (``data``, any format ``fedmomentum run`` reads)
+    and sends only its example count; the server evaluates on its own file (``eval-data``); a node whose data
+    cannot be read is left out, saying why."""
     (tmp_path / "b").mkdir()
     node_a = write_jsonl(tmp_path / "a.jsonl", "alpha", 5, "SECRET-A")
-    write_jsonl(tmp_path / "b" / "train.jsonl", "beta", 7, "SECRET-B")
+    (tmp_path / "b" / "train.json").write_text(json.dumps(  # another format (Alpaca records in a JSON array)
+        [{"instruction": f"SECRET-B {i} times 2?", "input": "", "output": f"{2 * i}"} for i in range(7)]))
     held_out = write_jsonl(tmp_path / "server.jsonl", "gamma", 4, "SERVER")
     config = flower_config(tmp_path, "own", clients=3, clients_per_round=3, rounds=1)
     grid = LocalGrid(make_client_app(), [0, 1, 2], 3, run_id=7, node_configs={

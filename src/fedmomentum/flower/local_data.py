@@ -1,7 +1,9 @@
 """Data that lives where the process runs: a node's training examples and the server's held-out examples.
 
 A SuperNode started with ``--node-config "partition-id=0 num-partitions=2 data='/srv/data/train.jsonl'"`` trains on
-the examples in that file or folder, which never leave the node (only their count does). Without ``data`` a node
+the examples in that file or folder, in any format ``fedmomentum run`` reads (``data.load_examples``: JSON lines,
+JSON, Parquet, ``save_to_disk`` folders; ``data-format`` in the node config forces one of ``data.FORMATS``). They
+never leave the node (only their count does). Without ``data`` a node
 builds its seeded synthetic partition, as the simulation does. The server evaluates on its own held-out data:
 the config's seeded held-out examples, a file or folder on the server (run config ``eval-data``), or nothing
 (``eval-data='none'``); never on anything from the nodes.
@@ -10,38 +12,26 @@ the config's seeded held-out examples, a file or folder on the server (run confi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 from ..build import client_examples
 from ..config import RunConfig
-from ..data import Example, by_family, load_jsonl
+from ..data import FORMATS, Example, by_family, load_examples
 
 NO_EVALUATION = "none"
-
-
-def read_examples(path: str | Path) -> list[Example]:
-    """The examples of a data file or a folder of them.
-
-    Reads JSON lines (``load_jsonl``: a file, or every ``*.jsonl`` of a folder, by name). The lead swaps this body
-    for ``fedmomentum.data.load_examples(path)`` once that loader (every format ``fedmomentum run`` reads) lands.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if not files:
-            raise ValueError(f"{path}: the folder holds no .jsonl files")
-        return [example for file in files for example in load_jsonl(file)]
-    return load_jsonl(path)
 
 
 def node_examples(config: RunConfig, node_config: Mapping, partition: int) -> tuple[list[Example], str]:
     """The examples this node trains on, and where they come from: its node config's ``data``, else its seeded
     synthetic partition."""
-    data = node_config.get("data")
-    if data is not None and not isinstance(data, str):
-        raise ValueError(f"node config data={data!r}: give a path, e.g. --node-config \"data='/srv/train.jsonl'\"")
+    data, form = node_config.get("data"), node_config.get("data-format") or None
+    for key, value in (("data", data), ("data-format", form)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"node config {key}={value!r} must be a string "
+                             "(e.g. --node-config \"data='/srv/train.jsonl'\")")
+    if form is not None and form not in FORMATS:
+        raise ValueError(f"node config data-format={form!r}: use one of {', '.join(FORMATS)} (or leave it out)")
     if data:
-        return read_examples(data), data
+        return load_examples(data, form), data
     parts, _ = client_examples(config)
     return parts[partition], f"synthetic partition {partition} of {config.clients}"
 
@@ -53,4 +43,4 @@ def server_held_out(config: RunConfig, eval_data: str) -> dict[str, list[Example
         return None
     if eval_data == NO_EVALUATION:
         return {}
-    return by_family(read_examples(eval_data))
+    return by_family(load_examples(eval_data))
