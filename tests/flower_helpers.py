@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,9 @@ RESYNC_FAULTS = {
 def faulty_client_app(faults: dict[int, str] | None = None) -> ClientApp:
     """The real ClientApp, with a fault on some nodes: by partition (``faults``) or the node config's ``fault``.
 
-    ``"raise"`` (the ClientApp fails), a key of ``TRAIN_FAULTS`` (the train reply), of ``HELLO_FAULTS`` (the hello
-    reply) or of ``RESYNC_FAULTS`` (the node answers its train message with a bad resync).
+    ``"raise"`` / ``"hello-raise"`` (the ClientApp fails on train / query messages), a key of ``TRAIN_FAULTS``
+    (the train reply), of ``HELLO_FAULTS`` (the hello reply) or of ``RESYNC_FAULTS`` (the node answers its train
+    message with a bad resync).
     """
     faults = faults or {}
 
@@ -188,8 +190,10 @@ def faulty_client_app(faults: dict[int, str] | None = None) -> ClientApp:
 
     @app.query()
     def _hello(message: Message, context: Context) -> Message:
-        reply = flower_client.hello(message, context)
         fault = fault_of(context)
+        if fault == "hello-raise":
+            raise RuntimeError("injected failure in the hello")
+        reply = flower_client.hello(message, context)
         if fault in HELLO_FAULTS:
             reply = corrupt_hello(reply, fault)
         return reply
@@ -250,6 +254,7 @@ class LocalGrid:
         self.killed: set[int] = set()
         self.pending: dict[str, Message] = {}
         self.uplink: list[bytes] = []  # every reply as it crossed the wire
+        self.received: Counter[tuple[int, str]] = Counter()  # messages delivered, by (node id, message type)
         self.strategy: LoraStrategy | None = None
 
     def join(self, node_id: int, partition: int, **node_config) -> None:
@@ -296,6 +301,7 @@ class LocalGrid:
             if node_id in self.silent and message.metadata.message_type == "train":
                 continue
             del self.pending[message_id]
+            self.received[node_id, message.metadata.message_type] += 1
             try:
                 reply = self.app(over_the_wire(message), self.contexts[node_id])
             except Exception as error:  # what Flower's engines turn a raising ClientApp into

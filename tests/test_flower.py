@@ -189,7 +189,7 @@ def test_every_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, caplog, flo
     """One round, one node per fault, each fault crafted by a real ClientApp and sent through Flower's wire format:
     every bad train, resync or hello reply is rejected with its reason (log and record), a second claim of a
     partition is refused, and the round aggregates the one good reply."""
-    faults = [None, *TRAIN_FAULTS, *RESYNC_FAULTS, "raise", *HELLO_FAULTS, "silent"]
+    faults = [None, *TRAIN_FAULTS, *RESYNC_FAULTS, "raise", *HELLO_FAULTS, "hello-raise", "silent"]
     clients = len(faults)
     config = flower_config(tmp_path, "faults", clients=clients, clients_per_round=clients, rounds=1, partition="iid",
                            train_per_family=2 * clients)
@@ -210,6 +210,9 @@ def test_every_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, caplog, flo
             assert HELLO_FAULTS[fault] in record["nodes"][str(100 + index)], (fault, record["nodes"])
             assert record["failed"][cid] == "no connected node holds this partition"
     assert "injected failure" in record["failed"][f"client-{faults.index('raise')}"]
+    failing_hello = 100 + faults.index("hello-raise")  # asked once a round, not at every look at the node list
+    assert record["failed"][f"client-{faults.index('hello-raise')}"] == "no connected node holds this partition"
+    assert grid.received[failing_hello, "query"] == 1
     assert record["failed"][f"client-{faults.index('silent')}"] == "no reply within 2s"
     assert "claims partition 0, already held by node 100: refused" in record["nodes"]["999"]
     summary = json.loads((tmp_path / "faults" / "summary.json").read_text())

@@ -64,6 +64,7 @@ class Exchange:
         self.resyncs = 0
         self._sent: dict[str, _Sent] = {}
         self._attempts: dict[int, int] = {}
+        self._asked: set[int] = set()  # nodes sent a hello in this round (one each: a failing node is not flooded)
         self._last_node_poll = -float("inf")
 
     # --- sending -------------------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class Exchange:
         for node_id in [n for n in self.nodes.known if n not in connected]:
             self._disconnected(node_id)
         for node_id in self.nodes.refresh(connected):
-            if not any(s.kind == "hello" and s.node_id == node_id for s in self._sent.values()):
+            if node_id not in self._asked:
+                self._asked.add(node_id)
                 deadline = time.monotonic() + self.round_timeout
                 self._push(self.nodes.hello_message(node_id), _Sent("hello", node_id, -1, deadline))
 
