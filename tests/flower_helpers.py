@@ -255,6 +255,7 @@ class LocalGrid:
         self.pending: dict[str, Message] = {}
         self.uplink: list[bytes] = []  # every reply as it crossed the wire
         self.received: Counter[tuple[int, str]] = Counter()  # messages delivered, by (node id, message type)
+        self.node_polls = 0  # calls of get_node_ids
         self.strategy: LoraStrategy | None = None
 
     def join(self, node_id: int, partition: int, **node_config) -> None:
@@ -275,6 +276,7 @@ class LocalGrid:
                 self.killed.add(action[1])
 
     def get_node_ids(self):
+        self.node_polls += 1
         self._events(("join", "restart"))
         return [node_id for node_id in self.contexts if node_id not in self.killed]
 

@@ -239,6 +239,16 @@ def test_a_killed_node_is_recorded_as_disconnected(tmp_path, flower_config):
     assert record["client_ids"] == ["client-0"] and record["failed"] == {"client-1": "node disconnected"}
 
 
+def test_a_node_that_answers_with_an_error_does_not_hold_the_round_up(tmp_path, flower_config):
+    """Partition 1's node fails; the round ends when partition 0 has replied, without waiting out node-timeout for
+    another node to take partition 1 (its node is still there). Without polling pauses, waiting the 60 s would look
+    at the node list thousands of times."""
+    config = flower_config(tmp_path, "error", rounds=1)
+    grid = LocalGrid(faulty_client_app({1: "raise"}), [0, 1], 2, run_id=9)
+    run_local(config, grid, node_timeout=60.0)
+    assert rows(config.out)[1]["client_ids"] == ["client-0"] and grid.node_polls < 20
+
+
 def test_a_node_that_restarts_during_the_wait_trains_in_that_round(tmp_path, reference, flower_config):
     """Round 2: partition 0's SuperNode dies after its message went out and comes back as a new node (new id, no
     state). Its claim waits until the old node is known to be gone, then it gets round 2's message (with the whole

@@ -9,8 +9,9 @@ holder left, or it had none) is sent that partition's message at once, so a Supe
 round's wait trains in that round. A node that says it lacks backbone deltas (``resync``) is resent from its own
 version, at most ``MAX_RESENDS`` times.
 
-A partition still without a usable node is waited for until ``node_deadline``, and after that only while other
-nodes of the round are still training; each train message is waited for ``round_timeout`` seconds.
+A partition without a node (none yet, or its node left) is waited for until ``node_deadline``, and after that
+only while other nodes of the round are still training; each train message is waited for ``round_timeout``
+seconds. A node that answered with an error is not sent the round again.
 """
 
 from __future__ import annotations
@@ -155,16 +156,17 @@ class Exchange:
         try:
             self._on_train_reply(sent, reply)
         except Exception as error:  # any fault in one reply costs only that reply
-            self.rejected[sent.partition] = f"{type(error).__name__}: {error}" if not str(error) else str(error)
+            self.rejected[sent.partition] = str(error) or type(error).__name__
             self.failed.pop(sent.partition, None)
             log(WARNING, "rejected the reply of %s: %s", client_id(sent.partition), self.rejected[sent.partition])
 
     # --- the loop ------------------------------------------------------------------------------------------
 
     def _waiting(self, now: float) -> bool:
+        """Messages are in flight, or (until ``node_deadline``) a partition still lacks a node."""
         training = any(s.kind == "train" for s in self._sent.values())
-        open_ = any(self._open(p) for p in self.partitions)
-        return training or (open_ and now < self.node_deadline)
+        homeless = any(self._open(p) and self.nodes.holder(p) is None for p in self.partitions)
+        return training or (homeless and now < self.node_deadline)
 
     def run(self) -> dict[int, Message]:
         """Send to the holders of the round's partitions, wait, and return ``{partition: final reply}``."""
