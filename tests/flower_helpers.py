@@ -238,10 +238,12 @@ class LocalGrid:
     ``("join", node_id, partition)`` (a node connects), ``("restart", node_id)`` (it loses its state and
     process) at the next ``get_node_ids``; ``("kill", node_id)`` (its SuperNode dies: the SuperLink answers its
     messages with a NODE_UNAVAILABLE error and drops it) at the next ``pull_messages``, i.e. during the wait.
-    ``silent`` nodes never answer train messages (a timeout).
+    ``silent`` nodes never answer train messages (a timeout); with ``flaky``, every other call of each Grid method
+    raises, as a SuperLink's do when its database is busy.
     """
 
-    def __init__(self, app, partitions, clients: int, run_id: int = 1, events=None, silent=(), node_configs=None):
+    def __init__(self, app, partitions, clients: int, run_id: int = 1, events=None, silent=(), node_configs=None,
+                 flaky: bool = False):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
@@ -256,6 +258,8 @@ class LocalGrid:
         self.uplink: list[bytes] = []  # every reply as it crossed the wire
         self.received: Counter[tuple[int, str]] = Counter()  # messages delivered, by (node id, message type)
         self.node_polls = 0  # calls of get_node_ids
+        self.flaky = flaky  # every other call of each Grid method fails, as a busy SuperLink's do
+        self.calls: Counter[str] = Counter()
         self.strategy: LoraStrategy | None = None
 
     def join(self, node_id: int, partition: int, **node_config) -> None:
@@ -275,12 +279,19 @@ class LocalGrid:
             elif action[0] == "kill":
                 self.killed.add(action[1])
 
+    def _maybe_fail(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.flaky and self.calls[method] % 2:
+            raise RuntimeError("Server error '500 Internal Server Error' (database is locked)")
+
     def get_node_ids(self):
+        self._maybe_fail("get_node_ids")
         self.node_polls += 1
         self._events(("join", "restart"))
         return [node_id for node_id in self.contexts if node_id not in self.killed]
 
     def push_messages(self, messages):
+        self._maybe_fail("push_messages")
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -289,6 +300,7 @@ class LocalGrid:
         return ids
 
     def pull_messages(self, message_ids):
+        self._maybe_fail("pull_messages")
         self._events(("kill",))
         replies = []
         for message_id in message_ids:

@@ -299,6 +299,18 @@ def test_evaluation_can_be_off(tmp_path, flower_config):
     assert json.loads((tmp_path / "no-eval" / "summary.json").read_text())["status"] == "completed"
 
 
+def test_a_busy_superlink_only_delays_the_round(tmp_path, reference, flower_config):
+    """Every other call to the Grid fails (a SuperLink whose database is locked answers 500): the exchange asks
+    again, and the run ends as ``fedmomentum run`` does."""
+    config = flower_config(tmp_path, "flaky")
+    grid = LocalGrid(make_client_app(), [0, 1], 2, run_id=10, flaky=True)
+    run_local(config, grid)
+    assert all(grid.calls[m] > 2 for m in ("get_node_ids", "push_messages", "pull_messages"))
+    assert all(not row["failed"] for row in rows(config.out)[1:])
+    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
+                      checkpoint.load(Path(config.out) / driver.CHECKPOINT), atol=0.0)
+
+
 def test_resuming_the_server_continues_the_run(tmp_path, reference, flower_config):
     part = flower_config(tmp_path, "part", rounds=1)
     run_local(part, LocalGrid(make_client_app(), [0, 1], 2, run_id=6))

@@ -50,8 +50,8 @@ class Exchange:
     array bytes sent to and received from each client; ``resyncs`` the resends.
     """
 
-    poll_seconds = 1.0  # between pulls of replies
-    node_poll_seconds = 3.0  # between looks at the node list
+    poll_seconds = 3.0  # between pulls of replies (as Flower's own ``send_and_receive``)
+    node_poll_seconds = 6.0  # between looks at the node list
 
     def __init__(self, grid: Grid, nodes: Nodes, partitions: list[int], message: Callable[[Node, bool], Message],
                  *, round_timeout: float, node_deadline: float, server_version: int) -> None:
@@ -66,31 +66,53 @@ class Exchange:
         self._sent: dict[str, _Sent] = {}
         self._attempts: dict[int, int] = {}
         self._asked: set[int] = set()  # nodes sent a hello in this round (one each: a failing node is not flooded)
+        self._unsent: dict[int, tuple[Node, bool, float]] = {}  # partition → (node, full, give up at): to push again
         self._last_node_poll = -float("inf")
 
     # --- sending -------------------------------------------------------------------------------------------
 
+    def _grid(self, call: Callable, *args):
+        """A Grid call; a SuperLink that does not answer (say, its database is busy) is asked again later."""
+        try:
+            return call(*args)
+        except Exception as error:
+            log(WARNING, "the SuperLink did not answer %s (%s: %s); trying again", call.__name__,
+                type(error).__name__, error)
+            return None
+
     def _push(self, message: Message, sent: _Sent) -> bool:
-        ids = [i for i in self.grid.push_messages([message]) if i]
+        ids = [i for i in self._grid(self.grid.push_messages, [message]) or [] if i]
         if not ids:
-            log(WARNING, "the SuperLink did not take the message for node %d", sent.node_id)
             return False
         self._sent[ids[0]] = sent
         return True
 
-    def _send_train(self, node: Node, full: bool = False) -> None:
+    def _send_train(self, node: Node, full: bool = False, give_up: float | None = None) -> None:
         partition = node.partition
         message = self.message(node, full)
-        cid = client_id(partition)
-        self.down[cid] = self.down.get(cid, 0) + wire.array_bytes(message.content)
+        give_up = give_up if give_up is not None else time.monotonic() + self.round_timeout
         if self._push(message, _Sent("train", node.node_id, partition, time.monotonic() + self.round_timeout)):
+            cid = client_id(partition)
+            self.down[cid] = self.down.get(cid, 0) + wire.array_bytes(message.content)
             self.failed.pop(partition, None)
+            self._unsent.pop(partition, None)
+        elif time.monotonic() < give_up:
+            self._unsent[partition] = (node, full, give_up)
         else:
-            self.failed[partition] = "the SuperLink did not accept its message"
+            self._unsent.pop(partition, None)
+            self.failed[partition] = "the SuperLink did not take its message"
+
+    def _retry_unsent(self) -> None:
+        for partition, (node, full, give_up) in list(self._unsent.items()):
+            if self.nodes.holder(partition) is node:
+                self._send_train(node, full, give_up)
+            else:
+                del self._unsent[partition]
 
     def _open(self, partition: int) -> bool:
         """The round still needs this partition, and nothing for it is in flight."""
         return (partition in self.partitions and partition not in self.replies and partition not in self.rejected
+                and partition not in self._unsent
                 and not any(s.kind == "train" and s.partition == partition for s in self._sent.values()))
 
     def _serve(self, node: Node | None) -> None:
@@ -111,14 +133,17 @@ class Exchange:
 
     def _poll_nodes(self) -> None:
         self._last_node_poll = time.monotonic()
-        connected = set(self.grid.get_node_ids())
+        connected = self._grid(self.grid.get_node_ids)
+        if connected is None:
+            return
+        connected = set(connected)
         for node_id in [n for n in self.nodes.known if n not in connected]:
             self._disconnected(node_id)
         for node_id in self.nodes.refresh(connected):
             if node_id not in self._asked:
-                self._asked.add(node_id)
                 deadline = time.monotonic() + self.round_timeout
-                self._push(self.nodes.hello_message(node_id), _Sent("hello", node_id, -1, deadline))
+                if self._push(self.nodes.hello_message(node_id), _Sent("hello", node_id, -1, deadline)):
+                    self._asked.add(node_id)
 
     def _on_train_reply(self, sent: _Sent, reply: Message) -> None:
         partition, cid = sent.partition, client_id(sent.partition)
@@ -164,7 +189,7 @@ class Exchange:
 
     def _waiting(self, now: float) -> bool:
         """Messages are in flight, or (until ``node_deadline``) a partition still lacks a node."""
-        training = any(s.kind == "train" for s in self._sent.values())
+        training = any(s.kind == "train" for s in self._sent.values()) or bool(self._unsent)
         homeless = any(self._open(p) and self.nodes.holder(p) is None for p in self.partitions)
         return training or (homeless and now < self.node_deadline)
 
@@ -183,8 +208,9 @@ class Exchange:
                         log(WARNING, "%s did not reply in time and is left out", client_id(sent.partition))
             if not self._waiting(now):
                 break
+            self._retry_unsent()
             if self._sent:
-                for reply in self.grid.pull_messages(list(self._sent)):
+                for reply in self._grid(self.grid.pull_messages, list(self._sent)) or []:
                     self._on_reply(reply)
             if now - self._last_node_poll >= self.node_poll_seconds:
                 self._poll_nodes()
