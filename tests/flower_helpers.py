@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -435,11 +436,28 @@ def stop(processes: list[subprocess.Popen]) -> None:
             pass
 
 
-class Loopback:
-    """Flower processes of one test on 127.0.0.1: each writes its own log; ``close`` stops every one of them."""
+def processes_using(port: int) -> dict[int, str]:
+    """``{pid: command line}`` of the live processes of this environment (``BIN``) that name ``127.0.0.1:<port>``:
+    a Flower process of the test, even one its parent left behind (a ServerApp outlives a SuperExec that crashed)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(BIN) in command and f"127.0.0.1:{port} " in command + " ":
+                found[int(entry.name)] = command
+    return found
 
-    def __init__(self, root: Path) -> None:
+
+class Loopback:
+    """Flower processes of one test on 127.0.0.1: each writes its own log; ``close`` stops every one of them (and
+    any process left behind that names one of the test's ports)."""
+
+    def __init__(self, root: Path, ports: list[int]) -> None:
         self.root = root
+        self.ports = ports
         self.home = root / "flwr-home"
         self.logs = root / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -471,25 +489,23 @@ class Loopback:
     def wait_for_log(self, name: str, text: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            path = self.logs / f"{name}.log"
-            if path.exists() and text in path.read_text(errors="replace"):
+            if text in self.log(name):
                 return True
             time.sleep(0.5)
         return False
 
-    def submit(self, app: Path, connection: str, run_config: str, name: str, timeout: float = 180
-               ) -> subprocess.Popen:
+    def submit(self, app: Path, connection: str, run_config: str, name: str, timeout: float = 180) -> FlowerRun:
         """``flwr run app connection --run-config ... --stream`` in the background (its output in ``name``.log),
         retried until the SuperLink takes the run."""
         deadline = time.monotonic() + timeout
         while True:
             process = self.start(name, "flwr", "run", str(app), connection, "--run-config", run_config, "--stream")
-            while process.poll() is None and time.monotonic() < deadline:
-                if "Successfully started run" in (self.logs / f"{name}.log").read_text(errors="replace"):
-                    return process
+            while process.poll() is None and time.monotonic() < deadline and "Successfully started run" not in \
+                    self.log(name):
                 time.sleep(0.5)
-            if "Successfully started run" in (self.logs / f"{name}.log").read_text(errors="replace"):
-                return process
+            started = re.search(r"Successfully started run (\d+)", self.log(name))
+            if started:
+                return FlowerRun(self, name, connection, int(started.group(1)), process)
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"the SuperLink did not take the run\n{self.dump()}")
             time.sleep(2)
@@ -503,3 +519,46 @@ class Loopback:
 
     def close(self) -> None:
         stop(self.processes)
+        for port in self.ports:
+            for pid in processes_using(port):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+class FlowerRun:
+    """A run submitted with ``flwr run --stream``. A busy SuperLink (SQLite "database is locked") can break the
+    stream while the run goes on: ``follow`` attaches again with ``flwr log``, as an operator would."""
+
+    def __init__(self, loopback: Loopback, name: str, connection: str, run_id: int,
+                 process: subprocess.Popen) -> None:
+        self.loopback, self.name, self.connection, self.run_id = loopback, name, connection, run_id
+        self.streams = [process]
+
+    def serverapp_alive(self) -> bool:
+        return any("flwr-serverapp" in command
+                   for port in self.loopback.ports for command in processes_using(port).values())
+
+    def follow(self) -> None:
+        if all(p.poll() is not None for p in self.streams) and self.serverapp_alive():
+            self.streams.append(self.loopback.start(f"{self.name}-{len(self.streams)}", "flwr", "log",
+                                                    str(self.run_id), self.connection, "--stream"))
+
+    def text(self) -> str:
+        """What the run's streams showed so far."""
+        return "".join(self.loopback.log(f"{self.name}-{i}" if i else self.name) for i in range(len(self.streams)))
+
+    def ended(self, out: Path) -> bool:
+        """``summary.json`` has a status and the ServerApp has exited (the exports follow the summary)."""
+        self.follow()
+        path = out / "summary.json"
+        return path.is_file() and '"status"' in path.read_text() and not self.serverapp_alive()
+
+    def full_log(self) -> str:
+        """The run's whole log, from the SuperLink (what the streams showed, if it cannot say)."""
+        try:
+            shown = self.loopback.flwr("log", str(self.run_id), self.connection, "--show")
+        except subprocess.TimeoutExpired:
+            return self.text()
+        return shown.stdout if shown.returncode == 0 and shown.stdout.strip() else self.text()

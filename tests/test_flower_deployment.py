@@ -8,6 +8,7 @@ ClientApp process per message imports torch and builds the model).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -21,7 +22,17 @@ from fedmomentum import checkpoint, driver, simulation
 from fedmomentum.config import from_dict
 from fedmomentum.flower import make_client_app
 from fedmomentum.records import read_metrics as rows
-from flower_helpers import BIN, ROOT, LocalGrid, Loopback, assert_same_state, free_ports, kill_tree, run_local
+from flower_helpers import (
+    BIN,
+    ROOT,
+    LocalGrid,
+    Loopback,
+    assert_same_state,
+    free_ports,
+    kill_tree,
+    processes_using,
+    run_local,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,9 +67,9 @@ def test_superlink_restart_is_recovered_with_the_documented_command(tmp_path):
     """The SuperLink (with ``--database``) is killed during round 2; the SuperNodes keep running, the SuperLink is
     started again with the same command, and the recovery command (the run's own command plus ``resume=true``)
     finishes the run: bit-identical to an uninterrupted ``fedmomentum run``."""
-    link, port_a, port_b = free_ports(3)
+    link, port_a, port_b = ports = free_ports(3)
     out = tmp_path / "run"
-    loopback = Loopback(tmp_path)
+    loopback = Loopback(tmp_path, ports)
     loopback.connection("local-deployment", f"127.0.0.1:{link}", insecure=True)
     superlink = ("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
                  "--database", str(tmp_path / "superlink.db"))
@@ -69,10 +80,13 @@ def test_superlink_restart_is_recovered_with_the_documented_command(tmp_path):
             loopback.start(f"supernode-{index}", "flower-supernode", "--insecure", "--superlink",
                            f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port),
                            "--node-config", f"partition-id={index} num-partitions=2")
-        loopback.submit(APP, "local-deployment", run_config, "flwr-run")
-        wait_until(lambda: "round 2: training" in loopback.log("flwr-run"), 300, loopback, "round 2 to start")
-        nodes_before = node_ids(loopback.log("flwr-run"))
+        run = loopback.submit(APP, "local-deployment", run_config, "flwr-run")
+        wait_until(lambda: run.follow() or "round 2: training" in run.text(), 300, loopback, "round 2 to start")
+        nodes_before = node_ids(run.text())
         kill_tree(first, signal.SIGKILL)  # the SuperLink's machine dies mid-round (its ServerApp with it)
+        for pid, command in processes_using(link).items():
+            if f"--runtime-api-address 127.0.0.1:{link}" in command:  # a ServerApp its SuperExec left behind
+                os.kill(pid, signal.SIGKILL)
         first.wait(timeout=10)
         time.sleep(5)
         alive = [p for p in loopback.processes if p.args[0].endswith("flower-supernode") and p.poll() is None]
@@ -81,10 +95,10 @@ def test_superlink_restart_is_recovered_with_the_documented_command(tmp_path):
 
         loopback.start("superlink-restarted", *superlink)
         resume = loopback.submit(APP, "local-deployment", f"{run_config} resume=true", "flwr-resume")
-        wait_until(lambda: resume.poll() is not None, 300, loopback, "the resumed run")  # streams to the end
+        wait_until(lambda: resume.ended(out), 300, loopback, "the resumed run")
+        resumed = resume.full_log()
     finally:
         loopback.close()
-    resumed = loopback.log("flwr-resume")
     assert summary(out)["status"] == "completed", resumed[-3000:]
     assert "resuming after round 1" in resumed
     assert node_ids(resumed) == nodes_before  # the same SuperNodes, still registered (the database kept them)
@@ -130,7 +144,7 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     """
     certs = tmp_path / "certs"
     make_certificates(certs)
-    link, port_a, port_b, port_c = free_ports(4)
+    link, port_a, port_b, port_c = ports = free_ports(4)
     data = tmp_path / "data"
     data.mkdir()
     train = [write_jsonl(data / "node-0.jsonl", "sums", 12, 3), write_jsonl(data / "node-1.jsonl", "sums", 9, 7)]
@@ -138,7 +152,7 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     config_file = tmp_path / "run.toml"
     config_file.write_text("weight_decay = 0.01\nmax_grad_norm = 0.5\nlr = 0.5\n")  # lr: --run-config wins
     out = tmp_path / "run"
-    loopback = Loopback(tmp_path)
+    loopback = Loopback(tmp_path, ports)
     loopback.connection("my-federation", f"127.0.0.1:{link}", **{"root-certificates": str(certs / "ca.crt")})
     run_config = (f"{TINY} rounds=2 lr-schedule='linear' method-options.residual_energy=0.99 "
                   f"config-file='{config_file}' eval-data='{held_out}' out='{out}'")
@@ -166,12 +180,12 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
             "--auth-supernode-private-key", str(certs / "stranger"),
             "--node-config", f"partition-id=0 num-partitions=2 data='{train[0]}'")
         run = loopback.submit(APP, "my-federation", run_config, "flwr-run")
-        wait_until(lambda: "round   1 |" in loopback.log("flwr-run"), 300, loopback, "round 1's line in the stream")
+        wait_until(lambda: run.follow() or "round   1 |" in run.text(), 300, loopback, "round 1's line in the stream")
         streamed_before_the_end = summary(out) == {}
-        wait_until(lambda: run.poll() is not None, 300, loopback, "the run")
+        wait_until(lambda: run.ended(out), 300, loopback, "the run")
+        stream = run.full_log()
     finally:
         loopback.close()
-    stream = loopback.log("flwr-run")
     assert summary(out)["status"] == "completed", stream[-3000:]
     assert streamed_before_the_end, "no per-round line reached `flwr run --stream` before the run ended"
     assert node_ids(stream) == registered  # each registered key's node holds its partition; nobody else joined
