@@ -227,6 +227,10 @@ def test_a_round_without_enough_updates_stops_the_run_with_a_failed_summary(tmp_
     summary = json.loads((tmp_path / "strict" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 0
     assert "RoundFailed" in summary["reason"] and "beyond max-factor-abs" in summary["reason"]
+    # the documented way on: fix the cause, resume (no checkpoint yet: the run starts over)
+    run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=12), resume=True, min_clients=2)
+    assert json.loads((tmp_path / "strict" / "summary.json").read_text())["status"] == "completed"
+    assert [row["round"] for row in rows(config.out)] == [0, 1, 2]
 
 
 def test_a_killed_node_is_recorded_as_disconnected(tmp_path, flower_config):
@@ -296,7 +300,12 @@ def test_evaluation_can_be_off(tmp_path, flower_config):
     config = flower_config(tmp_path, "no-eval", rounds=1)
     run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=8), eval_data="none")
     assert all("eval_loss" not in row for row in rows(config.out))
-    assert json.loads((tmp_path / "no-eval" / "summary.json").read_text())["status"] == "completed"
+    summary = (tmp_path / "no-eval" / "summary.json").read_text()
+    assert json.loads(summary)["status"] == "completed"
+    # a new run refused the folder (it holds a run): the run there is left as it was
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=13), eval_data="none")
+    assert (tmp_path / "no-eval" / "summary.json").read_text() == summary
 
 
 def test_a_busy_superlink_only_delays_the_round(tmp_path, reference, flower_config):

@@ -46,6 +46,8 @@ def engine(config: RunConfig, model=None, tokenizer=None) -> tuple[Setup, InProc
     return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config))
 
 
-def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, quiet: bool = False) -> dict:
-    """Run (or continue) a federated fine-tuning job in this process; writes its records into ``config.out``."""
-    return drive(*engine(config, model, tokenizer), resume=resume, quiet=quiet)
+def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
+    """Run (or continue) a federated fine-tuning job in this process; writes its records into ``config.out``
+    (a new run refuses a folder holding files unless ``overwrite``, see ``driver.run``)."""
+    return drive(*engine(config, model, tokenizer), resume=resume, overwrite=overwrite, quiet=quiet)

@@ -11,15 +11,15 @@ accepts only keys the app declares, and the example app declares all of these):
   app's ``pyproject.toml``, the config file, then the keys given explicitly with ``--run-config``;
 - Flower-only: ``min-clients`` (default 1), ``round-timeout`` (seconds, default 3600), ``node-timeout`` (seconds to
   wait for the sampled partitions' nodes, default 60), ``resume`` (continue from the checkpoint in ``out``, or
-  start when there is none), ``eval-data`` (the server's held-out data: a file or folder on the server, ``none``
-  for no evaluation, empty for the config's seeded held-out examples), ``max-examples`` and ``max-factor-abs``
-  (limits on what a reply may claim, see ``replies.Limits``).
+  start over when the run stopped before its first checkpoint), ``overwrite`` (delete the run already in ``out``
+  and start over; without it a new run refuses a folder that holds files), ``eval-data`` (the server's held-out
+  data: a file or folder on the server, ``none`` for no evaluation, empty for the config's seeded held-out
+  examples), ``max-examples`` and ``max-factor-abs`` (limits on what a reply may claim, see ``replies.Limits``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Collection
 from logging import ERROR
 from pathlib import Path
@@ -29,13 +29,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from ..config import FIELDS, RunConfig, from_dict
-from ..config import load as load_config
+from ..config import FIELDS, RunConfig, from_dict, merge
+from ..config import read as read_config
 from .replies import Limits
 from .strategy import LoraStrategy, write_failure
 
 STRATEGY_KEYS = {"min-clients": ("min_clients", int), "round-timeout": ("round_timeout", float),
-                 "node-timeout": ("node_timeout", float), "eval-data": ("eval_data", str)}
+                 "node-timeout": ("node_timeout", float), "eval-data": ("eval_data", str),
+                 "overwrite": ("overwrite", bool)}
 LIMIT_KEYS = {"max-examples": ("max_examples", int), "max-factor-abs": ("max_abs", float)}
 FLOWER_KEYS = (*STRATEGY_KEYS, *LIMIT_KEYS, "resume", "config-file")
 
@@ -91,28 +92,15 @@ def parse_run_config(values: dict, explicit: Collection[str] | None = None) -> t
             from_dict({name: value})  # raises the unknown-key error with a suggestion
     if limits:
         options["limits"] = Limits(**limits)
-    merged = {**defaults, **chosen}
-    merged["method_options"] = {**defaults.get("method_options", {}), **chosen.get("method_options", {})}
+    from_file = {}
     if base:
         if not Path(base).is_file():
             raise FileNotFoundError(f"config-file {base!r} not found on the server (give an absolute path: it is "
                                     f"read in the ServerApp's working directory, {Path.cwd()})")
-        from_file = load_config(base).to_dict()
-        file_keys = _file_keys(base)
-        merged = {**defaults, **{k: from_file[k] for k in file_keys}, **chosen}
-        merged["method_options"] = {**defaults.get("method_options", {}),
-                                    **(from_file["method_options"] if "method_options" in file_keys else {}),
-                                    **chosen.get("method_options", {})}
-    run_config = from_dict(merged)
+        from_file = read_config(base)
+    run_config = from_dict(merge(defaults, from_file, chosen))
     run_config.validate()
     return run_config, options, resume
-
-
-def _file_keys(path: str) -> set[str]:
-    """The ``RunConfig`` keys a config file sets (``config.load`` has checked the file)."""
-    text = Path(path).read_text()
-    values = tomllib.loads(text) if path.endswith(".toml") else yaml.safe_load(text) or {}
-    return set(values)
 
 
 def _explicit_keys(grid: Grid) -> set[str] | None:

@@ -72,6 +72,8 @@ class LoraStrategy(Strategy, driver.Engine):
         server, or ``"none"`` for no evaluation. Never data from the nodes.
     setup : build.Setup, optional
         A prepared server-side setup (model, method, evaluation data); built from ``config`` when omitted.
+    overwrite : bool
+        Delete the run already in ``config.out`` and start over (a new run refuses a folder that holds files).
     """
 
     name = "flower"
@@ -79,7 +81,7 @@ class LoraStrategy(Strategy, driver.Engine):
 
     def __init__(self, config: RunConfig, *, min_clients: int = 1, round_timeout: float = 3600.0,
                  node_timeout: float = 60.0, limits: Limits | None = None, eval_data: str = "",
-                 setup: Setup | None = None) -> None:
+                 setup: Setup | None = None, overwrite: bool = False) -> None:
         config.validate()
         if not config.out:
             config = config.replace(out=f"runs/flower-{config.method}")
@@ -92,6 +94,7 @@ class LoraStrategy(Strategy, driver.Engine):
         self.limits = limits or Limits()
         self.eval_data = eval_data
         self.setup = setup
+        self.overwrite = overwrite
         self.fingerprint = wire.fingerprint(config)
         self.nodes = Nodes(config.clients, self.fingerprint, self.limits, wire.config_json(config))
         self.backbone_log = BackboneLog()
@@ -155,22 +158,28 @@ class LoraStrategy(Strategy, driver.Engine):
     def start(self, grid: Grid, *, resume: bool = False) -> Result:  # type: ignore[override]
         """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) all rounds.
 
-        ``resume`` without a checkpoint (the run stopped before its first round ended) starts from round 0. Any
-        failure is written to ``summary.json`` (``"status": "failed"``, the reason) and raised again.
+        ``resume`` without a checkpoint (the run stopped before its first round ended) starts from round 0; a new
+        run refuses a folder that holds another run unless ``overwrite``. A failure once the run has its folder is
+        written to ``summary.json`` (``"status": "failed"``, the reason) and raised again.
         """
         log(INFO, "Starting %s:", type(self).__name__)
         self.summary()
         self.grid = grid
         out = Path(self.config.out)
-        if resume and not (out / driver.CHECKPOINT).is_file():
-            log(WARNING, "resume: no checkpoint in %s yet, so the run starts from round 0", out)
-            resume = False
+        if resume and not (out / driver.CHECKPOINT).is_file() and _failed_summary(out):
+            # the note of a run that failed before its first checkpoint: nothing to keep, the driver starts it over
+            (out / "summary.json").unlink()
+        began = time.time()
         try:
             if self.setup is None:
                 self.setup = prepare(self.config, held_out=server_held_out(self.config, self.eval_data))
-            driver.run(self.setup, self, resume=resume)
+            driver.run(self.setup, self, resume=resume, overwrite=self.overwrite)
         except BaseException as error:
-            write_failure(out, self, error)
+            config = out / "config.json"  # the driver writes it once it has taken the folder for this run
+            if config.is_file() and config.stat().st_mtime >= began:
+                write_failure(out, self, error)
+            else:  # the folder was refused (another run's, nothing to resume): leave it as it is
+                log(ERROR, "the run did not start: %s", str(error) or type(error).__name__)
             raise
         result = Result(arrays=wire.lora_to_record(self.global_lora))
         for row in read_metrics(self.config.out):
@@ -289,6 +298,13 @@ def write_failure(out: Path, strategy: LoraStrategy | None, error: BaseException
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as write_error:
         log(ERROR, "could not write %s: %s", out / "summary.json", write_error)
+
+
+def _failed_summary(out: Path) -> bool:
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _metric_record(record: dict) -> MetricRecord:

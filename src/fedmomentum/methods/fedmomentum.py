@@ -13,6 +13,8 @@ compressed to rank ``q − r`` (that would cost as much again as the QRs).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
@@ -30,16 +32,20 @@ class FedMomentum(Method):
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
                  merge_every: int = 1, svd: str = "factored", **common):
         super().__init__(**common)
+        if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):
+            raise ValueError(f"residual_energy must be a number in (0, 1], got {residual_energy!r}")
+        if not isinstance(merge_residual, bool):
+            raise ValueError(f"merge_residual must be true or false, got {merge_residual!r}")
         if not 0.0 < residual_energy <= 1.0:
             raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
+        if isinstance(merge_every, bool) or not isinstance(merge_every, numbers.Integral) or merge_every < 1:
             raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
         self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
-        self.merge_every, self.svd = merge_every, svd
+        self.merge_every, self.svd = int(merge_every), svd
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
