@@ -341,8 +341,12 @@ def run_local(config: RunConfig, grid: LocalGrid, resume: bool = False, seen: li
 
         strategy.setup.method.aggregate = spy
     grid.strategy = strategy
-    Exchange.poll_seconds = Exchange.node_poll_seconds = 0.0
-    strategy.start(grid, resume=resume)
+    pauses = Exchange.poll_seconds, Exchange.node_poll_seconds
+    Exchange.poll_seconds = Exchange.node_poll_seconds = 0.0  # LocalGrid answers at once: no need to wait
+    try:
+        strategy.start(grid, resume=resume)
+    finally:  # a real grid (Ray's, later in this process) needs the pauses: a busy loop starves its threads
+        Exchange.poll_seconds, Exchange.node_poll_seconds = pauses
     return strategy
 
 
