@@ -8,77 +8,46 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.simulation import run_simulation
 
-from fedmomentum import build, checkpoint, driver, simulation
-from fedmomentum.config import RunConfig
-from fedmomentum.flower import LoraStrategy, RoundFailed, make_client_app, make_server_app, parse_run_config, wire
+import flower_helpers
+from fedmomentum import build, checkpoint, driver, methods, simulation
+from fedmomentum.config import FIELDS, RunConfig
+from fedmomentum.flower import RoundFailed, make_client_app, make_server_app, parse_run_config, wire
 from fedmomentum.flower import client_app as flower_client
-from fedmomentum.peft_io import apply_backbone, get_backbone
+from fedmomentum.flower.replies import Limits
+from fedmomentum.flower.server_app import FLOWER_KEYS
+from fedmomentum.peft_io import get_backbone
 from fedmomentum.records import read_metrics as rows
 from fedmomentum.types import LoraPair, LowRank
+from flower_helpers import (
+    FLOWER,
+    HELLO_FAULTS,
+    RESYNC_FAULTS,
+    ROOT,
+    TRAIN_FAULTS,
+    LocalGrid,
+    assert_same_state,
+    faulty_client_app,
+    node_backbone,
+    run_local,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FLOWER = dict(clients=2, clients_per_round=2, train_per_family=16, accuracy_per_family=0)
+ray.cloudpickle.register_pickle_by_value(flower_helpers)  # Ray's actors get faulty_client_app by value
 
 
 @pytest.fixture(scope="session")
 def flower_config(small_config):
     """``flower_config(tmp_path, name, **changes)``: ``small_config`` for two nodes, writing to ``tmp_path/name``."""
     return lambda tmp_path, name, **changes: small_config(tmp_path / name, **{**FLOWER, **changes})
-
-
-def faulty_client_app(faults: dict[int, str]) -> ClientApp:
-    """The real ClientApp, with a fault on some partitions: ``"raise"`` (the ClientApp fails), ``"nan"`` (a NaN
-    factor in the reply) or ``"keys"`` (a layer the adapter does not have)."""
-    app = ClientApp()
-    app.query()(flower_client.hello)
-
-    @app.train()
-    def _train(message: Message, context: Context) -> Message:
-        fault = faults.get(int(context.node_config["partition-id"]))
-        if fault == "raise":
-            raise RuntimeError(f"injected failure on partition {context.node_config['partition-id']}")
-        reply = flower_client.train(message, context)
-        factors = reply.content.array_records.get("factors") if reply.has_content() else None
-        if factors is not None and fault == "nan":
-            key = next(iter(factors))
-            factors[key] = Array(np.full(factors[key].shape, np.nan, np.float32))
-        elif factors is not None and fault == "keys":
-            factors["not.a.layer/" + next(iter(factors)).rsplit("/", 1)[1]] = next(iter(factors.values()))
-        return reply
-
-    return app
-
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's actors get faulty_client_app by value
-
-
-def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint, atol: float = 1e-5) -> None:
-    assert a.round == b.round
-    assert set(a.lora) == set(b.lora) and set(a.backbone) == set(b.backbone)
-    for name in a.lora:
-        torch.testing.assert_close(a.lora[name].A, b.lora[name].A, atol=atol, rtol=1e-4)
-        torch.testing.assert_close(a.lora[name].B, b.lora[name].B, atol=atol, rtol=1e-4)
-    for name in a.backbone:
-        torch.testing.assert_close(a.backbone[name], b.backbone[name], atol=atol, rtol=1e-4)
-    assert set(a.held) == set(b.held)
 
 
 def ray_simulation(config: RunConfig, num_supernodes: int, faults: dict[int, str] | None = None) -> None:
@@ -113,76 +82,51 @@ def test_wire_round_trips_factors_and_deltas():
 def test_run_config_parsing():
     config, options, resume = parse_run_config({
         "model": "tiny", "method": "fedmomentum", "families": "gcd, chain_sum", "local-steps": 3,
-        "method-options.residual_energy": 0.99, "min-clients": 2, "round-timeout": 30, "resume": True})
+        "method-options.residual_energy": 0.99, "method-options.split": "", "min-clients": 2, "round-timeout": 30,
+        "resume": True, "max-examples": 500, "max-factor-abs": 10.0, "eval-data": "none", "lr-schedule": "",
+        "config-file": ""})
     assert config.families == ["gcd", "chain_sum"] and config.local_steps == 3
-    assert config.method_options == {"residual_energy": 0.99}
-    assert options == {"min_clients": 2, "round_timeout": 30.0} and resume
+    assert config.method_options == {"residual_energy": 0.99}  # "" = not set
+    assert config.lr_schedule == RunConfig().lr_schedule
+    assert options == {"min_clients": 2, "round_timeout": 30.0, "eval_data": "none",
+                       "limits": Limits(max_examples=500, max_abs=10.0)} and resume
     with pytest.raises(ValueError, match="local_step"):
         parse_run_config({"local-step": 3})
+    with pytest.raises(ValueError, match="unknown option.*residual_energy.*fedit"):
+        parse_run_config({"method": "fedit", "method-options.residual_energy": 0.99})
 
 
-# --- an in-process grid: every node is a (ClientApp, Context) called directly -----------------------------
+def test_config_file_sits_between_the_app_defaults_and_explicit_keys(tmp_path):
+    """RunConfig defaults < the app's pyproject < config-file < the keys given with ``--run-config``."""
+    path = tmp_path / "run.toml"
+    path.write_text('rounds = 7\nlocal_steps = 5\nlr = 0.01\nmethod_options = {residual_energy = 0.9}\n')
+    values = {"model": "tiny", "rounds": 3, "local-steps": 2, "lr": 0.001, "batch-size": 3, "config-file": str(path),
+              "method-options.residual_energy": "", "method-options.merge_every": 2}
+    config, _, _ = parse_run_config(values, explicit={"config-file", "lr", "method-options.merge_every"})
+    assert (config.rounds, config.local_steps, config.lr, config.batch_size) == (7, 5, 0.001, 3)
+    assert config.method_options == {"residual_energy": 0.9, "merge_every": 2}
+    assert parse_run_config(values)[0].rounds == 3  # every key explicit (the Python API): the file only fills gaps
+    with pytest.raises(FileNotFoundError, match="absolute path"):
+        parse_run_config({"config-file": "nowhere.toml"})
 
 
-class LocalGrid:
-    """Stands in for Flower's Grid (``get_node_ids`` / ``send_and_receive``) without processes or network.
-
-    ``events`` maps a number of completed rounds to actions run once when the strategy reaches it:
-    ``("join", node_id, partition)`` or ``("restart", node_id)`` (the node loses its state and process).
-    """
-
-    def __init__(self, app, partitions, clients: int, run_id: int = 1, events=None, silent=()):
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
-        self.app, self.run_id, self.clients = app, run_id, clients
-        self.contexts: dict[int, Context] = {}
-        for index, partition in enumerate(partitions):
-            self.join(100 + index, partition)
-        self.events = dict(events or {})
-        self.silent = set(silent)  # nodes whose train replies never arrive (a timeout)
-        self.strategy: LoraStrategy | None = None
-
-    def join(self, node_id: int, partition: int) -> None:
-        self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, state=RecordDict(), run_config={},
-                                         node_config={"partition-id": partition, "num-partitions": self.clients})
-
-    def get_node_ids(self):
-        for action in self.events.pop(self.strategy.round if self.strategy else 0, []):
-            if action[0] == "join":
-                self.join(action[1], action[2])
-            else:
-                self.contexts[action[1]].state = RecordDict()
-                flower_client.reset_worker()
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            if message.metadata.dst_node_id in self.silent and message.metadata.message_type == "train":
-                continue
-            try:
-                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
-            except Exception as error:  # what Flower's engines turn a raising ClientApp into
-                replies.append(Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message))
-        return replies
+def test_the_example_app_declares_every_documented_key():
+    """Flower refuses run-config keys an app does not declare: the example declares every RunConfig field, every
+    method option and every Flower-only key, and its defaults parse."""
+    app = tomllib.loads((ROOT / "examples" / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    declared = {key.replace("-", "_") for key, value in app["config"].items() if not isinstance(value, dict)}
+    assert set(FIELDS) - {"method_options"} <= declared, set(FIELDS) - declared
+    assert {key.replace("-", "_") for key in FLOWER_KEYS} <= declared
+    options = {o for name in methods.names() for o in methods.options(name)} - {"weighting", "seed"}
+    assert options == set(app["config"]["method-options"])
+    flat = {k: v for k, v in app["config"].items() if not isinstance(v, dict)}
+    flat.update({f"method-options.{k}": v for k, v in app["config"]["method-options"].items()})
+    config, options, resume = parse_run_config(flat, explicit=set())
+    assert config.method == "fedmomentum" and config.method_options == {} and not resume
+    assert config.lr_schedule == "cosine" and config.jsonl == [] and options["limits"] == Limits()
 
 
-def node_backbone(context: Context, config: RunConfig, extra=None) -> dict[str, torch.Tensor]:
-    """The backbone a node rebuilds from the base model and the deltas in its state (then ``extra``)."""
-    model, _ = build.peft_model(config)
-    log = wire.record_to_deltas(context.state.array_records[flower_client.STATE_LOG])
-    for round in sorted(log):
-        apply_backbone(model, log[round])
-    apply_backbone(model, extra or {})
-    return get_backbone(model)
-
-
-def run_local(config: RunConfig, grid: LocalGrid, resume: bool = False, **options) -> LoraStrategy:
-    strategy = LoraStrategy(config, node_timeout=0.1, **options)
-    grid.strategy = strategy
-    strategy.start(grid, resume=resume)
-    return strategy
+# --- in-process rounds on LocalGrid (Flower's wire format, no processes) ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -241,35 +185,139 @@ def test_late_and_restarted_nodes_rebuild_the_same_backbone(tmp_path, flower_con
         assert all(torch.equal(rebuilt[k], server[k]) for k in server), node_id
 
 
-def test_faulty_replies_are_left_out_and_recorded(tmp_path, caplog, flower_config):
-    config = flower_config(tmp_path, "faults", clients=5, clients_per_round=5, rounds=1)
-    grid = LocalGrid(faulty_client_app({1: "raise", 2: "nan", 3: "keys"}), [0, 1, 2, 3, 4], 5, run_id=3,
-                     silent={104})
-    seen = []
-    strategy = LoraStrategy(config, node_timeout=0.1)
-    grid.strategy = strategy
-    strategy.setup = build.prepare(config)
-    aggregate = strategy.setup.method.aggregate
-
-    def spy(lora, updates, **options):
-        seen.extend(updates)
-        return aggregate(lora, updates, **options)
-
-    strategy.setup.method.aggregate = spy
+def test_every_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, caplog, flower_config):
+    """One round, one node per fault, each fault crafted by a real ClientApp and sent through Flower's wire format:
+    every bad train, resync or hello reply is rejected with its reason (log and record), a second claim of a
+    partition is refused, and the round aggregates the one good reply."""
+    faults = [None, *TRAIN_FAULTS, *RESYNC_FAULTS, "raise", *HELLO_FAULTS, "hello-raise", "silent"]
+    clients = len(faults)
+    config = flower_config(tmp_path, "faults", clients=clients, clients_per_round=clients, rounds=1, partition="iid",
+                           train_per_family=2 * clients)
+    node_configs = {i: {"fault": fault} for i, fault in enumerate(faults) if fault}
+    grid = LocalGrid(faulty_client_app(), range(clients), clients, run_id=3, node_configs=node_configs,
+                     silent={100 + faults.index("silent")}, events={0: [("join", 999, 0)]})
     with caplog.at_level(logging.WARNING):
-        strategy.start(grid)
+        run_local(config, grid, round_timeout=2.0)
     record = rows(config.out)[1]
-    assert record["client_ids"] == ["client-0"] and record["clients"] == 1
-    assert [u.client_id for u in seen] == ["client-0"]
-    assert "injected failure" in record["failed"]["client-1"]
-    assert "NaN or Inf" in record["rejected"]["client-2"]
-    assert "layers do not match" in record["rejected"]["client-3"]
-    assert "no reply within" in record["failed"]["client-4"]
-    assert "rejected the update of client-2" in caplog.text and "client-1 failed" in caplog.text
+    assert record["client_ids"] == ["client-0"], record["rejected"]
+    for index, fault in enumerate(faults):
+        cid = f"client-{index}"
+        if fault in TRAIN_FAULTS or fault in RESYNC_FAULTS:
+            expected = {**TRAIN_FAULTS, **RESYNC_FAULTS}[fault]
+            assert expected in record["rejected"].get(cid, ""), (fault, record["rejected"].get(cid))
+            assert expected in caplog.text, fault
+        elif fault in HELLO_FAULTS:
+            assert HELLO_FAULTS[fault] in record["nodes"][str(100 + index)], (fault, record["nodes"])
+            assert record["failed"][cid] == "no connected node holds this partition"
+    assert "injected failure" in record["failed"][f"client-{faults.index('raise')}"]
+    failing_hello = 100 + faults.index("hello-raise")  # asked once a round, not at every look at the node list
+    assert record["failed"][f"client-{faults.index('hello-raise')}"] == "no connected node holds this partition"
+    assert grid.received[failing_hello, "query"] == 1
+    assert record["failed"][f"client-{faults.index('silent')}"] == "no reply within 2s"
+    assert "claims partition 0, already held by node 100: refused" in record["nodes"]["999"]
+    summary = json.loads((tmp_path / "faults" / "summary.json").read_text())
+    assert summary["status"] == "completed"
 
-    strict = flower_config(tmp_path, "strict", clients=2, clients_per_round=2, rounds=1)
-    with pytest.raises(RoundFailed, match="fewer than min_clients=2"):
-        run_local(strict, LocalGrid(faulty_client_app({1: "nan"}), [0, 1], 2, run_id=4), min_clients=2)
+
+def test_a_round_without_enough_updates_stops_the_run_with_a_failed_summary(tmp_path, flower_config):
+    config = flower_config(tmp_path, "strict", rounds=2)
+    grid = LocalGrid(faulty_client_app({1: "huge-factors"}), [0, 1], 2, run_id=4)
+    with pytest.raises(RoundFailed, match="fewer than min-clients=2"):
+        run_local(config, grid, min_clients=2)
+    summary = json.loads((tmp_path / "strict" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 0
+    assert "RoundFailed" in summary["reason"] and "beyond max-factor-abs" in summary["reason"]
+    # the documented way on: fix the cause, resume (no checkpoint yet: the run starts over)
+    run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=12), resume=True, min_clients=2)
+    assert json.loads((tmp_path / "strict" / "summary.json").read_text())["status"] == "completed"
+    assert [row["round"] for row in rows(config.out)] == [0, 1, 2]
+
+
+def test_a_killed_node_is_recorded_as_disconnected(tmp_path, flower_config):
+    """The SuperLink answers a dead node's message with NODE_UNAVAILABLE (from itself, not the node): the round
+    records "node disconnected" at once rather than waiting out the round timeout."""
+    config = flower_config(tmp_path, "killed")
+    grid = LocalGrid(make_client_app(), [0, 1], 2, run_id=5, events={1: [("kill", 101)]})  # after its round-2 message
+    run_local(config, grid, round_timeout=3600.0)
+    record = rows(config.out)[2]
+    assert record["client_ids"] == ["client-0"] and record["failed"] == {"client-1": "node disconnected"}
+
+
+def test_a_node_that_answers_with_an_error_does_not_hold_the_round_up(tmp_path, flower_config):
+    """Partition 1's node fails; the round ends when partition 0 has replied, without waiting out node-timeout for
+    another node to take partition 1 (its node is still there). Without polling pauses, waiting the 60 s would look
+    at the node list thousands of times."""
+    config = flower_config(tmp_path, "error", rounds=1)
+    grid = LocalGrid(faulty_client_app({1: "raise"}), [0, 1], 2, run_id=9)
+    run_local(config, grid, node_timeout=60.0)
+    assert rows(config.out)[1]["client_ids"] == ["client-0"] and grid.node_polls < 20
+
+
+def test_a_node_that_restarts_during_the_wait_trains_in_that_round(tmp_path, reference, flower_config):
+    """Round 2: partition 0's SuperNode dies after its message went out and comes back as a new node (new id, no
+    state). Its claim waits until the old node is known to be gone, then it gets round 2's message (with the whole
+    backbone log): the run ends bit-identical to ``fedmomentum run``."""
+    config = flower_config(tmp_path, "restart")
+    grid = LocalGrid(make_client_app(), [0, 1], 2, run_id=6, events={1: [("kill", 100), ("join", 200, 0)]})
+    run_local(config, grid)
+    record = rows(config.out)[2]
+    assert record["client_ids"] == ["client-0", "client-1"] and not record["failed"]
+    assert "claims partition 0, already held by node 100" in record["nodes"]["200"]
+    assert record["downlink_bytes_per_client"]["client-0"] > record["downlink_bytes_per_client"]["client-1"]
+    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
+                      checkpoint.load(Path(config.out) / driver.CHECKPOINT), atol=0.0)
+
+
+def write_jsonl(path: Path, family: str, count: int, marker: str) -> Path:
+    lines = [json.dumps({"prompt": f"{marker} {i} + {i} = ?", "response": f"{2 * i}", "family": family})
+             for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_nodes_train_on_their_own_data_which_never_leaves_them(tmp_path, flower_config):
+    """Each node trains on the file or folder of its node config (``data``, any format ``fedmomentum run`` reads)
+    and sends only its example count; the server evaluates on its own file (``eval-data``); a node whose data
+    cannot be read is left out, saying why."""
+    (tmp_path / "b").mkdir()
+    node_a = write_jsonl(tmp_path / "a.jsonl", "alpha", 5, "SECRET-A")
+    (tmp_path / "b" / "train.json").write_text(json.dumps(  # another format (Alpaca records in a JSON array)
+        [{"instruction": f"SECRET-B {i} times 2?", "input": "", "output": f"{2 * i}"} for i in range(7)]))
+    held_out = write_jsonl(tmp_path / "server.jsonl", "gamma", 4, "SERVER")
+    config = flower_config(tmp_path, "own", clients=3, clients_per_round=3, rounds=1)
+    grid = LocalGrid(make_client_app(), [0, 1, 2], 3, run_id=7, node_configs={
+        0: {"data": str(node_a)}, 1: {"data": str(tmp_path / "b")}, 2: {"data": str(tmp_path / "missing.jsonl")}})
+    seen: list = []
+    run_local(config, grid, seen=seen, eval_data=str(held_out))
+    assert [(u.client_id, u.num_examples) for u in seen] == [("client-0", 5), ("client-1", 7)]
+    record = rows(config.out)[1]
+    assert {k for k in record if k.startswith("loss/")} == {"loss/gamma"}
+    assert "cannot read its data: FileNotFoundError" in record["nodes"]["102"]
+    assert grid.uplink and all(b"SECRET" not in blob for blob in grid.uplink), "a node's examples left the node"
+
+
+def test_evaluation_can_be_off(tmp_path, flower_config):
+    config = flower_config(tmp_path, "no-eval", rounds=1)
+    run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=8), eval_data="none")
+    assert all("eval_loss" not in row for row in rows(config.out))
+    summary = (tmp_path / "no-eval" / "summary.json").read_text()
+    assert json.loads(summary)["status"] == "completed"
+    # a new run refused the folder (it holds a run): the run there is left as it was
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=13), eval_data="none")
+    assert (tmp_path / "no-eval" / "summary.json").read_text() == summary
+
+
+def test_a_busy_superlink_only_delays_the_round(tmp_path, reference, flower_config):
+    """Every other call to the Grid fails (a SuperLink whose database is locked answers 500): the exchange asks
+    again, and the run ends as ``fedmomentum run`` does."""
+    config = flower_config(tmp_path, "flaky")
+    grid = LocalGrid(make_client_app(), [0, 1], 2, run_id=10, flaky=True)
+    run_local(config, grid)
+    assert all(grid.calls[m] > 2 for m in ("get_node_ids", "push_messages", "pull_messages"))
+    assert all(not row["failed"] for row in rows(config.out)[1:])
+    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
+                      checkpoint.load(Path(config.out) / driver.CHECKPOINT), atol=0.0)
 
 
 def test_resuming_the_server_continues_the_run(tmp_path, reference, flower_config):
@@ -304,139 +352,11 @@ def test_ray_simulation_matches_fedmomentum_run(method, tmp_path, reference, flo
 
 
 @pytest.mark.slow
-def test_ray_simulation_survives_a_raising_and_a_nan_client(tmp_path, flower_config):
-    config = flower_config(tmp_path, "faults", clients=3, clients_per_round=3, rounds=1)
-    ray_simulation(config, num_supernodes=3, faults={1: "raise", 2: "nan"})
+def test_ray_simulation_survives_bad_replies(tmp_path, flower_config):
+    config = flower_config(tmp_path, "faults", clients=4, clients_per_round=4, rounds=1, partition="iid")
+    ray_simulation(config, num_supernodes=4, faults={1: "raise", 2: "header-37gib", 3: "huge-factors"})
     record = rows(config.out)[1]
     assert record["client_ids"] == ["client-0"]
     assert "injected failure" in record["failed"]["client-1"]
-    assert "NaN or Inf" in record["rejected"]["client-2"]
-
-
-# --- a real deployment on loopback ------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (by parent id, so detached children are found too)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Terminate what the test started (and everything those processes started), then kill what is left."""
-    targets = []
-    for process in processes:
-        targets += [process.pid, *descendants(process.pid)]
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    for process in processes:
-        try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for process in processes:
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
-                    reason="the Flower binaries (flower-superlink, flower-supernode, flwr) are not installed")
-def test_deployment_on_loopback(tmp_path, reference):
-    """A real SuperLink, two SuperNodes and `flwr run`, insecure on 127.0.0.1: two rounds of ``small_config``.
-
-    Flower's deployment engine starts a ClientApp process per message, so round 2 only works without a resync
-    if the node's backbone state survived in its context; the result must match ``fedmomentum run``.
-    """
-    link, node_a, node_b = free_ports(3)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = tmp_path / "run"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        handle = (logs / f"{name}.log").open("w")
-        process = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=handle,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        processes.append(process)
-        return process
-
-    try:
-        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-              "--database", str(tmp_path / "state.db"))
-        for index, port in enumerate((node_a, node_b)):
-            start(f"supernode-{index}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--host", "127.0.0.1", "--port", str(port),
-                  "--node-config", f"partition-id={index} num-partitions=2")
-        overrides = ("model='tiny' method='fedmomentum' rounds=2 clients=2 clients-per-round=2 "
-                     "families='basic_arithmetic,chain_sum' train-per-family=16 eval-per-family=4 max-length=64 "
-                     "local-steps=2 batch-size=2 lr=0.005 lora-r=4 lora-alpha=8.0 accuracy-per-family=0 "
-                     f"out='{out}'")
-        deadline = time.monotonic() + 240
-        run = None
-        while time.monotonic() < deadline:  # the SuperLink needs a moment before it accepts runs
-            if any(process.poll() is not None for process in processes):
-                break  # a Flower process died (say, a port was taken meanwhile): report its log below
-            run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT / "examples" / "flower"), "loopback",
-                                  "--run-config", overrides, "--stream"], env=env, cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
-            if run.returncode == 0 or "Successfully started run" in run.stdout:
-                break
-            time.sleep(1)
-        while (time.monotonic() < deadline and not (out / "summary.json").is_file()
-               and all(process.poll() is None for process in processes)):
-            time.sleep(1)
-        if not (out / "summary.json").is_file():
-            dump = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
-            pytest.fail(f"the deployed run did not finish\nflwr run: {run and (run.stdout + run.stderr)[-3000:]}"
-                        f"\n{dump}")
-    finally:
-        stop(processes)
-    records = rows(out)
-    assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] for r in records[1:])
-    assert records[1]["uplink_bytes"] > 0 and records[2]["resyncs"] == 0
-    assert records[2]["downlink_bytes"] > records[1]["downlink_bytes"]  # round 1's backbone delta went out
-    assert_same_state(checkpoint.load(reference("fedmomentum") / driver.CHECKPOINT),
-                      checkpoint.load(out / driver.CHECKPOINT))
-    assert all(process.poll() is not None for process in processes)
-    shutil.rmtree(home, ignore_errors=True)
+    assert TRAIN_FAULTS["header-37gib"] in record["rejected"]["client-2"]
+    assert TRAIN_FAULTS["huge-factors"] in record["rejected"]["client-3"]

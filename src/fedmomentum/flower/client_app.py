@@ -1,6 +1,9 @@
 """The Flower ClientApp: one client of the federation, training with the same ``client.train_client``.
 
-A node holds one data partition (``partition-id`` in its node config). Each train message carries the global
+A node is one client of the run: ``partition-id`` in its node config names it (its seed, when it is sampled), and
+it trains on its own data, the file or folder ``data`` of its node config (``local_data``), or without ``data``
+on its seeded synthetic partition (simulation). It tells the server its example count, never its examples.
+Each train message carries the global
 adapter, the backbone deltas of the rounds the server believes the node has not applied, the round's
 trainable factors, learning rate and seed, and the run's configuration. The node replies with the factors it
 trained and ``num-examples``.
@@ -28,12 +31,13 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..build import client_examples, encode_all, peft_model
+from ..build import encode_all, peft_model
 from ..client import train_client
 from ..config import RunConfig, from_dict
 from ..peft_io import apply_backbone, get_lora
 from ..types import LoraPair, LowRank
 from . import wire
+from .local_data import node_examples
 
 STATE_NODE = "fedmomentum.node"  # ConfigRecord: backbone version and the config fingerprint it belongs to
 STATE_LOG = "fedmomentum.backbone"  # ArrayRecord: every delta this node applied, keyed like wire.deltas_to_record
@@ -42,21 +46,23 @@ STATE_ADAPTER = "fedmomentum.adapter"  # ArrayRecord: the global adapter of the 
 
 @dataclass
 class _Worker:
-    """What a process keeps between messages: the model at some backbone version, and encoded partitions."""
+    """What a process keeps between messages: the model at some backbone version, and encoded training data."""
 
     key: tuple
     config: RunConfig
     model: object
     tokenizer: object
     version: int = 0
-    data: dict[int, list[dict]] = field(default_factory=dict)
+    data: dict[tuple, list[dict]] = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # the seeded LoRA init: the global adapter of version 0
 
-    def partition(self, pid: int) -> list[dict]:
-        if pid not in self.data:
-            parts, _ = client_examples(self.config)
-            self.data[pid] = encode_all(parts[pid], self.tokenizer, self.config)
-        return self.data[pid]
+    def examples(self, node_config, pid: int) -> list[dict]:
+        """The node's training examples, encoded (cached per partition and data path)."""
+        key = (pid, str(node_config.get("data", "")))
+        if key not in self.data:
+            examples, _ = node_examples(self.config, node_config, pid)
+            self.data[key] = encode_all(examples, self.tokenizer, self.config)
+        return self.data[key]
 
 
 _WORKER: _Worker | None = None  # one model per process: the backbone is global, so every node can share it
@@ -118,16 +124,27 @@ def _partition(context: Context, config: RunConfig) -> tuple[int, int]:
 
 
 def hello(message: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds and which backbone version it has."""
-    fp = str(message.content["config"]["fingerprint"])
+    """Tell the server which partition this node holds, which backbone version it has and how many examples.
+
+    A node that cannot take part (no ``partition-id``, unreadable data) says why in ``error``.
+    """
+    settings = message.content["config"]
+    fp = str(settings["fingerprint"])
     info = ConfigRecord({"backbone-version": node_version(context, fp)})
     try:
-        pid = int(context.node_config["partition-id"])
-        info["partition-id"] = pid
+        info["partition-id"] = int(context.node_config["partition-id"])
         info["num-partitions"] = int(context.node_config.get("num-partitions", -1))
     except (KeyError, TypeError, ValueError):
-        info["partition-id"] = -1
-        info["num-partitions"] = -1
+        info["error"] = ("no integer 'partition-id' in its node config (start it with "
+                         "--node-config \"partition-id=0 num-partitions=2\")")
+        return Message(RecordDict({"node": info}), reply_to=message)
+    if settings.get("run-config"):
+        try:
+            config = from_dict(json.loads(settings["run-config"]))
+            examples, _ = node_examples(config, context.node_config, info["partition-id"])
+            info["num-examples"] = len(examples)
+        except Exception as error:  # the server logs it and leaves the node out
+            info["error"] = f"cannot read its data: {type(error).__name__}: {error}"
     return Message(RecordDict({"node": info}), reply_to=message)
 
 
@@ -176,7 +193,8 @@ def train(message: Message, context: Context) -> Message:
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
-    update, loss = train_client(worker.model, worker.partition(pid), global_lora, trainable, config.train_config(),
+    examples = worker.examples(context.node_config, pid)
+    update, loss = train_client(worker.model, examples, global_lora, trainable, config.train_config(),
                                 lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
                                 pad_id=worker.tokenizer.pad_token_id)
     factors = tuple(f for f in ("A", "B") if trainable[f])

@@ -1,19 +1,21 @@
-"""The SuperNodes the server knows: which data partition each holds, its backbone version, how reliable it is.
+"""The SuperNodes the server knows: which data partition each holds, its backbone version, its example count.
 
-A new node is asked (a ``query`` message, "hello") for its partition and backbone version before it is used; a node
-whose answer does not fit the run is ignored, with the reason logged.
+A node the server has not seen is asked (a ``query`` message, "hello") for its partition, backbone version and
+example count before it is used. Each partition is held by one node: a second node claiming a partition already
+held is refused (logged, recorded) and waits; it takes the partition over when the holder disconnects. A node
+whose hello breaks the protocol (``replies.parse_hello``) is ignored, with the reason logged.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore import log
+
+from .replies import Hello, Limits, parse_hello
 
 
 @dataclass
@@ -21,7 +23,7 @@ class Node:
     node_id: int
     partition: int
     version: int  # the backbone version the server believes the node has
-    failures: int = 0  # consecutive rounds it failed or went silent (another node for its partition goes first)
+    examples: int = 0  # the training examples it said it holds
 
 
 def client_id(partition: int) -> str:
@@ -29,12 +31,14 @@ def client_id(partition: int) -> str:
 
 
 class Nodes:
-    """Connected nodes by id, learnt through hellos; ``discover`` waits for the partitions a round needs."""
+    """Connected nodes by id, learnt through hellos; one holder per partition."""
 
-    def __init__(self, clients: int, fingerprint: str, node_timeout: float) -> None:
-        self.clients, self.fingerprint, self.node_timeout = clients, fingerprint, node_timeout
+    def __init__(self, clients: int, fingerprint: str, limits: Limits, run_config: str = "") -> None:
+        self.clients, self.fingerprint, self.limits, self.run_config = clients, fingerprint, limits, run_config
         self.known: dict[int, Node] = {}
         self.ignored: dict[int, str] = {}  # node id → why it is not used
+        self.waiting: dict[int, Hello] = {}  # refused second claims: node id → its hello, used if the holder leaves
+        self.events: dict[str, str] = {}  # what happened to nodes since the last ``take_events`` (for the record)
 
     def __getitem__(self, node_id: int) -> Node:
         return self.known[node_id]
@@ -42,47 +46,68 @@ class Nodes:
     def get(self, node_id: int) -> Node | None:
         return self.known.get(node_id)
 
-    def hello(self, grid: Grid, node_ids: Iterable[int], timeout: float) -> None:
-        """Ask new nodes which partition they hold and which backbone version they have."""
-        messages = [Message(RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})}),
-                            dst_node_id=node_id, message_type=MessageType.QUERY, group_id="hello")
-                    for node_id in node_ids]
-        for reply in grid.send_and_receive(messages, timeout=max(timeout, 1.0)):
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "node %d did not answer the hello: %s", node_id, reply.error.reason)
-                continue
-            info = reply.content.config_records.get("node")
-            if info is None:
-                self._ignore(node_id, "its hello reply has no 'node' record")
-                continue
-            pid, count = int(info["partition-id"]), int(info["num-partitions"])
-            if not 0 <= pid < self.clients or count not in (-1, self.clients):
-                self._ignore(node_id, f"its node config partition-id={pid} num-partitions={count} does not fit "
-                                      f"the run's clients={self.clients}")
-                continue
-            self.known[node_id] = Node(node_id, pid, int(info["backbone-version"]))
-            log(INFO, "node %d holds partition %d (backbone version %d)", node_id, pid, self.known[node_id].version)
+    def holder(self, partition: int) -> Node | None:
+        return next((node for node in self.known.values() if node.partition == partition), None)
 
-    def _ignore(self, node_id: int, reason: str) -> None:
+    def seen(self, node_id: int) -> bool:
+        return node_id in self.known or node_id in self.ignored or node_id in self.waiting
+
+    def hello_message(self, node_id: int) -> Message:
+        info = ConfigRecord({"fingerprint": self.fingerprint, "run-config": self.run_config})
+        return Message(RecordDict({"config": info}), dst_node_id=node_id, message_type=MessageType.QUERY,
+                       group_id="hello")
+
+    def on_hello(self, node_id: int, reply: Message) -> Node | None:
+        """Register the node from its hello reply (or ignore it, saying why); the node if it now holds a partition."""
+        if reply.has_error():
+            log(WARNING, "node %d did not answer the hello: %s", node_id, reply.error.reason)
+            return None  # asked again at the next discovery
+        try:
+            hello = parse_hello(reply, self.clients, self.limits)
+        except Exception as error:  # any fault in one reply costs only that node
+            self.ignore(node_id, f"bad hello reply: {error}")
+            return None
+        return self._claim(node_id, hello)
+
+    def _claim(self, node_id: int, hello: Hello) -> Node | None:
+        holder = self.holder(hello.partition)
+        if holder is not None and holder.node_id != node_id:
+            self.waiting[node_id] = hello
+            self._event(node_id, f"claims partition {hello.partition}, already held by node {holder.node_id}: "
+                                 "refused (it takes over if that node leaves)")
+            return None
+        node = self.known[node_id] = Node(node_id, hello.partition, hello.version, hello.examples)
+        log(INFO, "node %d holds partition %d (backbone version %d, %d examples)", node_id, node.partition,
+            node.version, node.examples)
+        return node
+
+    def ignore(self, node_id: int, reason: str) -> None:
         self.ignored[node_id] = reason
-        log(WARNING, "ignoring node %d: %s", node_id, reason)
+        self._event(node_id, reason)
 
-    def discover(self, grid: Grid, wanted: set[int]) -> None:
-        """Track connected nodes; wait up to ``node_timeout`` for nodes holding every ``wanted`` partition."""
-        deadline = time.monotonic() + self.node_timeout
-        while True:
-            connected = set(grid.get_node_ids())
-            for gone in set(self.known) - connected:
-                log(INFO, "node %d (partition %d) left", gone, self.known.pop(gone).partition)
-            new = connected - set(self.known) - set(self.ignored)
-            if new:
-                self.hello(grid, sorted(new), deadline - time.monotonic())
-            if wanted <= {node.partition for node in self.known.values()} or time.monotonic() >= deadline:
-                return
-            time.sleep(0.5)
+    def _event(self, node_id: int, what: str) -> None:
+        self.events[str(node_id)] = what
+        log(WARNING, "node %d: %s", node_id, what)
 
-    def for_partition(self, partition: int) -> Node | None:
-        """The node that trains ``partition``; when several hold it, the most reliable, then most up-to-date one."""
-        holders = [node for node in self.known.values() if node.partition == partition]
-        return max(holders, key=lambda node: (-node.failures, node.version, -node.node_id)) if holders else None
+    def forget(self, node_id: int, reason: str) -> Node | None:
+        """Drop a node that left; a node waiting for its partition takes it over (returned)."""
+        node = self.known.pop(node_id, None)
+        self.waiting.pop(node_id, None)
+        if node is None:
+            return None
+        log(INFO, "node %d (partition %d) %s", node_id, node.partition, reason)
+        heir = next((n for n, hello in self.waiting.items() if hello.partition == node.partition), None)
+        return self._claim(heir, self.waiting.pop(heir)) if heir is not None else None
+
+    def refresh(self, connected: Iterable[int]) -> list[int]:
+        """Forget nodes that are no longer connected; the connected nodes not seen yet (to be asked)."""
+        connected = set(connected)
+        for gone in [n for n in self.waiting if n not in connected]:
+            del self.waiting[gone]
+        for gone in [n for n in self.known if n not in connected]:
+            self.forget(gone, "left")
+        return sorted(n for n in connected if not self.seen(n))
+
+    def take_events(self) -> dict[str, str]:
+        events, self.events = self.events, {}
+        return events

@@ -1,52 +1,199 @@
-"""Checking a node's train reply and turning it into a ``ClientUpdate``.
+"""Every reply a node sends is checked here, in one step, before anything in it is used.
 
-Anything wrong with a reply raises ``UpdateError`` naming the client and what is wrong; the strategy then leaves
-that client out of the round and records why.
+Three replies exist: the hello (which partition a node holds, its backbone version, how many examples it has), the
+resync (the backbone version it really has) and the train reply (the factors it trained and its example count).
+Each has one parser that checks it against the protocol and the run's ``Limits`` and raises ``ReplyError`` naming
+what is wrong; the strategy then leaves that node out and records the reason.
+
+Arrays are checked before they are decoded, so no reply can make the server allocate more than the protocol
+allows: the declared serialisation (numpy), dtype (float32) and shape (exactly the configured one) first, then the
+byte count against that shape, then the npy header (it must say the same), and only then the values are read, with
+``np.frombuffer`` (never ``np.load``: a header claiming a 37 GiB array is never allocated). Factors must be finite
+and within ``Limits.max_abs`` (1e30 is finite, and breaks the SVD); counts are integers in ``1 … max_examples``;
+versions are integers in ``0 … the server's version``.
 """
 
 from __future__ import annotations
 
+import io
 import math
+from dataclasses import dataclass
 
-from flwr.app import Message
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from ..types import ClientUpdate, LoraPair, UpdateError
-from . import wire
+
+NUMPY = "numpy.ndarray"  # Flower's stype for np.save-encoded arrays
+DTYPE = "float32"
+MAX_HEADER = 4096  # bytes an npy header may take (np.save writes 128 for a 2-D float32 array)
 
 
-def parse_train_reply(reply: Message, cid: str, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
-                      version: int) -> tuple[ClientUpdate, float]:
-    """The reply as a ``ClientUpdate`` (frozen factors filled in from ``global_lora``) and its training loss.
+class ReplyError(UpdateError):
+    """A reply that breaks the protocol or the run's limits; the message names what is wrong."""
 
-    ``version`` is the backbone version the node must have trained on.
-    """
-    content = reply.content
-    if "resync" in content:
-        raise UpdateError(f"client {cid!r}: still asks for a backbone resync after two resends")
-    if "factors" not in content.array_records or "metrics" not in content.metric_records:
-        raise UpdateError(f"client {cid!r}: the reply needs an ArrayRecord 'factors' and a MetricRecord "
-                          f"'metrics', got {sorted(content)}")
-    metrics = content.metric_records["metrics"]
-    if metrics.get("backbone-version") != version:
-        raise UpdateError(f"client {cid!r}: trained on backbone version {metrics.get('backbone-version')}, "
-                          f"expected {version}")
-    count = metrics.get("num-examples")
-    if not isinstance(count, int | float) or count != int(count):
-        raise UpdateError(f"client {cid!r}: num-examples must be an integer, got {count!r}")
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a node may claim (run config ``max-examples``, ``max-factor-abs``)."""
+
+    max_examples: int = 10_000_000  # a node's example count (it weights the node's update)
+    max_abs: float = 1e4  # |value| of any factor entry; trained LoRA factors are orders of magnitude smaller
+
+    def __post_init__(self) -> None:
+        if self.max_examples < 1 or not self.max_abs > 0:
+            raise ValueError("max-examples must be ≥ 1 and max-factor-abs > 0")
+
+
+@dataclass(frozen=True)
+class Hello:
+    partition: int
+    version: int
+    examples: int  # the node's training examples (0: it could not count them)
+
+
+@dataclass(frozen=True)
+class Resync:
+    version: int
+    full_adapter: bool
+
+
+# --- values ------------------------------------------------------------------------------------------------
+
+
+def integer(value: object, what: str, low: int, high: int) -> int:
+    """``value`` if it is an ``int`` (not a bool, not a float) in ``[low, high]``, else ``ReplyError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReplyError(f"{what} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ReplyError(f"{what} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _record(message: Message, name: str, kind: type) -> ConfigRecord | MetricRecord | ArrayRecord:
+    if not message.has_content():
+        raise ReplyError("the reply has no content")
+    record = message.content.get(name)
+    if not isinstance(record, kind):
+        raise ReplyError(f"the reply needs a {kind.__name__} {name!r}, got records {sorted(message.content)}")
+    return record
+
+
+def decode(array: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """An ``Array`` decoded to a float32 tensor of exactly ``shape``, checked before anything is allocated."""
+    if not isinstance(array, Array):
+        raise ReplyError(f"{what}: not an Array")
+    if array.stype != NUMPY:
+        raise ReplyError(f"{what}: serialised as {array.stype!r}, the protocol sends {NUMPY!r}")
+    if array.dtype != DTYPE:
+        raise ReplyError(f"{what}: dtype {array.dtype!r}, the protocol sends {DTYPE}")
+    if tuple(array.shape) != shape:
+        raise ReplyError(f"{what}: shape {tuple(array.shape)}, expected {shape}")
+    body = 4 * math.prod(shape)
+    data = array.data
+    if not isinstance(data, bytes | bytearray | memoryview) or not body < len(data) <= body + MAX_HEADER:
+        raise ReplyError(f"{what}: {len(data) if hasattr(data, '__len__') else '?'} bytes of data, a {shape} "
+                         f"float32 array takes {body} plus an npy header")
+    stream = io.BytesIO(data)
     try:
-        sent = wire.record_to_factors(content.array_records["factors"])
-    except ValueError as error:
-        raise UpdateError(f"client {cid!r}: {error}") from None
-    expected = {f for f in ("A", "B") if trainable[f]}
-    missing, extra = sorted(set(global_lora) - set(sent)), sorted(set(sent) - set(global_lora))
-    if missing or extra:
-        raise UpdateError(f"client {cid!r}: layers do not match the global adapter (missing {missing[:3]}, "
-                          f"extra {extra[:3]})")
-    factors = {}
-    for name, pair in global_lora.items():
-        if set(sent[name]) != expected:
-            raise UpdateError(f"client {cid!r}, layer {name!r}: sent factors {sorted(sent[name])}, "
-                              f"this round trains {sorted(expected)}")
-        factors[name] = LoraPair(sent[name].get("A", pair.A), sent[name].get("B", pair.B))
-    loss = float(metrics.get("train-loss", math.nan))
-    return ClientUpdate(factors, num_examples=int(count), client_id=cid), loss
+        version = np.lib.format.read_magic(stream)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        declared, fortran, dtype = reader(stream, max_header_size=MAX_HEADER)
+    except (KeyError, ValueError, SyntaxError, TypeError) as error:
+        raise ReplyError(f"{what}: not an npy-encoded array ({error or 'unsupported npy version'})") from None
+    if tuple(declared) != shape or dtype != np.dtype("<f4") or fortran:
+        raise ReplyError(f"{what}: its npy header says shape {tuple(declared)}, dtype {dtype}"
+                         f"{', Fortran order' if fortran else ''}; expected {shape} little-endian float32")
+    offset = stream.tell()
+    if len(data) - offset != body:
+        raise ReplyError(f"{what}: {len(data) - offset} bytes of values, a {shape} float32 array takes {body}")
+    values = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=offset).reshape(shape)
+    return torch.from_numpy(values.copy())
+
+
+def check_values(tensor: torch.Tensor, what: str, limits: Limits) -> None:
+    """Finite and within ``limits.max_abs``: a factor the aggregation (an SVD) can take."""
+    if tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ReplyError(f"{what} has NaN or Inf values")
+    if max(-low, high) > limits.max_abs:
+        raise ReplyError(f"{what} has values up to {max(-low, high):.3g} in magnitude, beyond max-factor-abs="
+                         f"{limits.max_abs:g}")
+
+
+# --- the three replies -------------------------------------------------------------------------------------
+
+
+def parse_hello(reply: Message, clients: int, limits: Limits) -> Hello:
+    """A hello reply: the node's partition (``0 … clients-1``), backbone version (≥ 0) and example count."""
+    info = _record(reply, "node", ConfigRecord)
+    if info.get("error"):
+        raise ReplyError(f"the node reports: {info['error']}")
+    partition = integer(info.get("partition-id"), "partition-id", 0, clients - 1)
+    count = integer(info.get("num-partitions"), "num-partitions", -1, 2**62)
+    if count not in (-1, clients):
+        raise ReplyError(f"num-partitions={count} in its node config, the run has clients={clients}")
+    version = integer(info.get("backbone-version"), "backbone-version", 0, 2**62)
+    examples = integer(info.get("num-examples", 0), "num-examples", 0, limits.max_examples)
+    return Hello(partition, version, examples)
+
+
+def parse_resync(reply: Message, partition: int, server_version: int) -> Resync:
+    """A resync reply: the backbone version the node has (``0 … server_version``) and whether it needs the whole
+    adapter."""
+    info = _record(reply, "resync", ConfigRecord)
+    version = integer(info.get("backbone-version"), "resync backbone-version", 0, server_version)
+    integer(info.get("partition-id"), "resync partition-id", partition, partition)
+    full = info.get("full-adapter", False)
+    if not isinstance(full, bool):
+        raise ReplyError(f"resync full-adapter must be a bool, got {full!r}")
+    return Resync(version, full)
+
+
+def parse_train_reply(reply: Message, cid: str, partition: int, global_lora: dict[str, LoraPair],
+                      trainable: dict[str, bool], version: int, limits: Limits) -> tuple[ClientUpdate, float]:
+    """A train reply as a ``ClientUpdate`` (frozen factors filled in from ``global_lora``) and its training loss.
+
+    The reply holds exactly an ``ArrayRecord`` ``factors`` (``<layer>/A``, ``<layer>/B`` for the trained factors of
+    every layer, each of the global factor's shape) and a ``MetricRecord`` ``metrics`` (``num-examples``,
+    ``train-loss``, ``backbone-version`` = ``version``, ``partition-id`` = ``partition``).
+    """
+    try:
+        if reply.has_content() and "resync" in reply.content:
+            raise ReplyError("still asks for a backbone resync after two resends")
+        extra = sorted(set(reply.content) - {"factors", "metrics"}) if reply.has_content() else []
+        if extra:
+            raise ReplyError(f"unexpected records {extra} (a train reply holds 'factors' and 'metrics')")
+        metrics = _record(reply, "metrics", MetricRecord)
+        arrays = _record(reply, "factors", ArrayRecord)
+        integer(metrics.get("backbone-version"), "backbone-version", version, version)
+        integer(metrics.get("partition-id"), "partition-id", partition, partition)
+        count = integer(metrics.get("num-examples"), "num-examples", 1, limits.max_examples)
+        loss = metrics.get("train-loss")
+        if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
+            raise ReplyError(f"train-loss must be a finite number, got {loss!r}")
+        sent = [f for f in ("A", "B") if trainable[f]]
+        expected = {f"{name}/{factor}" for name in global_lora for factor in sent}
+        missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        if missing or unexpected:
+            raise ReplyError(f"factors do not match the global adapter and this round's trained factors {sent} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        factors = {}
+        for name, pair in global_lora.items():
+            got = {}
+            for factor in sent:
+                what = f"layer {name!r}, factor {factor}"
+                got[factor] = decode(arrays[f"{name}/{factor}"], tuple(getattr(pair, factor).shape), what)
+                check_values(got[factor], what, limits)
+            factors[name] = LoraPair(got.get("A", pair.A), got.get("B", pair.B))
+    except ReplyError as error:
+        raise ReplyError(f"client {cid!r}: {error}") from None
+    return ClientUpdate(factors, num_examples=count, client_id=cid), float(loss)
+
+
+__all__ = ["Hello", "Limits", "ReplyError", "Resync", "check_values", "decode", "integer", "parse_hello",
+           "parse_resync", "parse_train_reply"]

@@ -3,21 +3,28 @@
 ``LoraStrategy.start`` hands the run to ``driver.run`` (the loop ``fedmomentum run`` uses: resume, evaluation,
 records, checkpoint, summary, exports) with the strategy as its engine. Each round, following Flower's ``FedAvg``:
 
-1. ``configure_train``: learn which partition each connected node holds (``nodes``), pick the round's partitions
-   with ``schedule.sample_clients`` (the same clients as ``fedmomentum run``), and build one train message per
-   node with what it lacks (``resync``);
-2. the messages go out through the ``Grid``; nodes that ask for a resync are resent from their own version;
-3. ``collect``: failed or silent nodes are left out, bad replies are rejected with the reason logged and recorded
-   (``replies``), and the accepted updates, sorted by client, go back to the driver, which aggregates them with
+1. ``configure_train``: pick the round's partitions with ``schedule.sample_clients`` (the same clients as
+   ``fedmomentum run``) and prepare the round's ``Exchange``;
+2. the exchange asks new nodes which partition they hold (``nodes``), sends each partition's node a train message
+   with what it lacks (``resync``), resends to nodes that ask for a resync, notices nodes that disconnect or take
+   a partition over, and waits for the replies;
+3. ``collect``: every reply passes ``replies.parse_train_reply`` (any fault rejects that reply, with the reason
+   logged and recorded); the accepted updates, sorted by client, go back to the driver, which aggregates them with
    the method (weights renormalised over them) and updates the server's model. The backbone delta goes into the
    log late or restarted nodes replay (``backbone_log``).
+
+A run that fails (too few usable updates, or anything else) leaves ``summary.json`` with ``"status": "failed"``
+and the reason; a run that ends leaves ``"status": "completed"``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
+import traceback
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -30,13 +37,15 @@ from ..build import Setup, prepare
 from ..config import RunConfig
 from ..records import read_metrics
 from ..schedule import client_seed, sample_clients
-from ..types import Aggregate, ClientUpdate, LoraPair, UpdateError
+from ..types import Aggregate, ClientUpdate, LoraPair
 from . import wire
 from .backbone_log import FILE as BACKBONE_LOG
 from .backbone_log import BackboneLog
+from .exchange import Exchange
+from .local_data import server_held_out
 from .nodes import Node, Nodes, client_id
-from .replies import parse_train_reply
-from .resync import Exchange, train_message
+from .replies import Limits, parse_train_reply
+from .resync import train_message
 
 
 class RoundFailed(RuntimeError):
@@ -53,9 +62,14 @@ class LoraStrategy(Strategy, driver.Engine):
     min_clients : int
         A round needs at least this many accepted updates, otherwise ``RoundFailed`` stops the run.
     round_timeout : float
-        Seconds to wait for the train replies of a round; a node that has not replied by then is left out.
+        Seconds to wait for a train reply; a node that has not replied by then is left out of the round.
     node_timeout : float
-        Seconds to wait, at the start of a round, for the nodes holding the sampled partitions to connect.
+        Seconds to wait, from the start of a round, for nodes holding the sampled partitions to connect.
+    limits : replies.Limits, optional
+        Bounds on what a reply may claim (example counts, factor magnitudes).
+    eval_data : str
+        The server's own held-out data: ``""`` for the config's seeded held-out examples, a file or folder on the
+        server, or ``"none"`` for no evaluation. Never data from the nodes.
     setup : build.Setup, optional
         A prepared server-side setup (model, method, evaluation data); built from ``config`` when omitted.
     overwrite : bool
@@ -66,7 +80,8 @@ class LoraStrategy(Strategy, driver.Engine):
     progress_bar = False  # per-round lines go to Flower's log
 
     def __init__(self, config: RunConfig, *, min_clients: int = 1, round_timeout: float = 3600.0,
-                 node_timeout: float = 60.0, setup: Setup | None = None, overwrite: bool = False) -> None:
+                 node_timeout: float = 60.0, limits: Limits | None = None, eval_data: str = "",
+                 setup: Setup | None = None, overwrite: bool = False) -> None:
         config.validate()
         if not config.out:
             config = config.replace(out=f"runs/flower-{config.method}")
@@ -75,10 +90,13 @@ class LoraStrategy(Strategy, driver.Engine):
         self.config = config
         self.min_clients = min_clients
         self.round_timeout = float(round_timeout)
+        self.node_timeout = float(node_timeout)
+        self.limits = limits or Limits()
+        self.eval_data = eval_data
         self.setup = setup
         self.overwrite = overwrite
         self.fingerprint = wire.fingerprint(config)
-        self.nodes = Nodes(config.clients, self.fingerprint, float(node_timeout))
+        self.nodes = Nodes(config.clients, self.fingerprint, self.limits, wire.config_json(config))
         self.backbone_log = BackboneLog()
         self.global_lora: dict[str, LoraPair] = {}
         self.grid: Grid | None = None
@@ -98,60 +116,71 @@ class LoraStrategy(Strategy, driver.Engine):
         log(INFO, "\t├──> rounds: %d, clients: %d per round of %d", self.config.rounds,
             self.config.clients_per_round, self.config.clients)
         log(INFO, "\t├──> min clients: %d, round timeout: %.0fs, node timeout: %.0fs", self.min_clients,
-            self.round_timeout, self.nodes.node_timeout)
+            self.round_timeout, self.node_timeout)
+        log(INFO, "\t├──> limits: num-examples ≤ %d, |factor| ≤ %g", self.limits.max_examples, self.limits.max_abs)
         log(INFO, "\t└──> out: %s", self.config.out)
 
     # --- Flower's Strategy ----------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample this round's partitions and build one message per node holding one of them."""
+        """Sample this round's partitions and prepare its ``Exchange``; returns the messages for the partitions
+        whose node is known now (``train_round`` lets the exchange send them, and more as nodes appear)."""
         round = server_round - 1
         sampled = sample_clients(self.config, round)
-        self.nodes.discover(grid, set(sampled))
-        targets, missing = {}, []
-        for partition in sampled:
-            node = self.nodes.for_partition(partition)
-            if node is None:
-                missing.append(partition)
-            else:
-                targets[node.node_id] = node
-        for partition in missing:
-            log(WARNING, "round %d: no connected node holds partition %d; it is left out", server_round, partition)
 
         def message(node: Node, full: bool = False) -> Message:
             seed = client_seed(self.config, round, node.partition)
             return train_message(node, config, arrays, self.backbone_log, seed, server_round, full)
 
-        self._round = {"sampled": sampled, "targets": targets, "missing": missing,
-                       "exchange": Exchange(self.nodes, message)}
-        log(INFO, "configure_train: %d of %d sampled partitions have a node", len(targets), len(sampled))
-        return [message(node) for node in targets.values()]
+        exchange = Exchange(grid, self.nodes, sampled, message, round_timeout=self.round_timeout,
+                            node_deadline=time.monotonic() + self.node_timeout,
+                            server_version=self.backbone_log.version)
+        self._round = {"sampled": sampled, "exchange": exchange}
+        return [message(node) for p in sampled if (node := self.nodes.holder(p)) is not None]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's hook: the accepted replies aggregated into the new global adapter (applied to the server's
-        model). ``start`` runs the same two steps, ``collect`` and ``driver.aggregate``, inside the shared loop."""
-        trained = self.collect(server_round, replies)
+        """Flower's hook: the given replies (taken as final) aggregated into the new global adapter (applied to the
+        server's model). ``start`` runs the same steps, ``collect`` and ``driver.aggregate``, in the shared loop."""
+        trained = self.collect(server_round, self._round["exchange"].settle(list(replies)))
         result, _ = driver.aggregate(self.setup, self.global_lora, trained.updates, server_round - 1)
         return wire.lora_to_record(result.lora), _metric_record(result.stats)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: the server evaluates its own model (as ``fedmomentum run`` does)."""
+        """No federated evaluation: the server evaluates its own model on its own data."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
     def start(self, grid: Grid, *, resume: bool = False) -> Result:  # type: ignore[override]
-        """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) all rounds."""
+        """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) all rounds.
+
+        ``resume`` without a checkpoint (the run stopped before its first round ended) starts from round 0; a new
+        run refuses a folder that holds another run unless ``overwrite``. A failure once the run has its folder is
+        written to ``summary.json`` (``"status": "failed"``, the reason) and raised again.
+        """
         log(INFO, "Starting %s:", type(self).__name__)
         self.summary()
         self.grid = grid
-        if self.setup is None:
-            self.setup = prepare(self.config)
-        driver.run(self.setup, self, resume=resume, overwrite=self.overwrite)
+        out = Path(self.config.out)
+        if resume and not (out / driver.CHECKPOINT).is_file() and _failed_summary(out):
+            # the note of a run that failed before its first checkpoint: nothing to keep, the driver starts it over
+            (out / "summary.json").unlink()
+        began = time.time()
+        try:
+            if self.setup is None:
+                self.setup = prepare(self.config, held_out=server_held_out(self.config, self.eval_data))
+            driver.run(self.setup, self, resume=resume, overwrite=self.overwrite)
+        except BaseException as error:
+            config = out / "config.json"  # the driver writes it once it has taken the folder for this run
+            if config.is_file() and config.stat().st_mtime >= began:
+                write_failure(out, self, error)
+            else:  # the folder was refused (another run's, nothing to resume): leave it as it is
+                log(ERROR, "the run did not start: %s", str(error) or type(error).__name__)
+            raise
         result = Result(arrays=wire.lora_to_record(self.global_lora))
         for row in read_metrics(self.config.out):
             if "eval_loss" in row:
@@ -176,52 +205,42 @@ class LoraStrategy(Strategy, driver.Engine):
 
     def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
                     lr: float) -> driver.ClientRound:
-        """Configure, send (with resyncs) and collect the accepted updates of the round."""
+        """Configure, exchange (hellos, resends, nodes coming and going) and collect the accepted updates."""
         self.global_lora = global_lora
         server_round = round + 1
-        arrays = wire.lora_to_record(global_lora)
-        messages = list(self.configure_train(server_round, arrays, self.train_settings(round, trainable, lr),
-                                             self.grid))
-        replies = self._round["exchange"].run(self.grid, messages, self.round_timeout)
-        return self.collect(server_round, replies)
-
-    def collect(self, server_round: int, replies: Iterable[Message]) -> driver.ClientRound:
-        """The usable updates of the round, sorted by client; failures and rejections are logged and recorded."""
-        round = server_round - 1
-        trainable = self.method.trainable(round)
-        failed = {client_id(p): "no connected node holds this partition" for p in self._round.get("missing", [])}
-        rejected: dict[str, str] = {}
-        accepted: list[tuple[int, ClientUpdate, float]] = []
-        answered = set()
-        for reply in replies:
-            node = self.nodes[reply.metadata.src_node_id]
-            answered.add(node.node_id)
-            cid = client_id(node.partition)
-            if reply.has_error():
-                node.failures += 1
-                failed[cid] = f"error reply: {reply.error.reason}"
-                log(WARNING, "round %d: %s failed and is left out: %s", server_round, cid, reply.error.reason)
-                continue
-            try:
-                update, loss = parse_train_reply(reply, cid, self.global_lora, trainable, self.backbone_log.version)
-                self.method.validate(self.global_lora, [update])
-            except UpdateError as error:
-                rejected[cid] = str(error)
-                log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, error)
-                continue
-            node.version, node.failures = self.backbone_log.version, 0
-            accepted.append((node.partition, update, loss))
-        for node_id, node in self._round.get("targets", {}).items():
-            if node_id not in answered:
-                node.failures += 1
-                failed[client_id(node.partition)] = f"no reply within {self.round_timeout:.0f}s"
-                log(WARNING, "round %d: %s did not reply in time and is left out", server_round,
-                    client_id(node.partition))
-        if len(accepted) < self.min_clients:
-            raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min_clients="
-                              f"{self.min_clients} (failed: {failed}, rejected: {rejected})")
-        accepted.sort(key=lambda item: item[0])
+        self.configure_train(server_round, wire.lora_to_record(global_lora),
+                             self.train_settings(round, trainable, lr), self.grid)
         exchange = self._round["exchange"]
+        log(INFO, "round %d: training %s", server_round, ", ".join(client_id(p) for p in exchange.partitions))
+        return self.collect(server_round, exchange.run())
+
+    def collect(self, server_round: int, replies: dict[int, Message]) -> driver.ClientRound:
+        """The usable updates of the round (``{partition: final reply}`` in), sorted by client; failures and
+        rejections are logged and recorded."""
+        round = server_round - 1
+        version = self.backbone_log.version
+        trainable = self.method.trainable(round)
+        exchange: Exchange = self._round["exchange"]
+        failed = {client_id(p): reason for p, reason in sorted(exchange.failed.items())}
+        rejected = {client_id(p): reason for p, reason in sorted(exchange.rejected.items())}
+        accepted: list[tuple[int, ClientUpdate, float]] = []
+        for partition, reply in sorted(replies.items()):
+            cid = client_id(partition)
+            try:  # any fault in one reply rejects that reply, never the round
+                update, loss = parse_train_reply(reply, cid, partition, self.global_lora, trainable, version,
+                                                 self.limits)
+                self.method.validate(self.global_lora, [update])
+            except Exception as error:
+                rejected[cid] = str(error) or type(error).__name__
+                log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, rejected[cid])
+                continue
+            node = self.nodes.holder(partition)
+            if node is not None:
+                node.version = version
+            accepted.append((partition, update, loss))
+        if len(accepted) < self.min_clients:
+            raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="
+                              f"{self.min_clients} (failed: {failed}, rejected: {rejected})")
         ids = [update.client_id for _, update, _ in accepted]
         measured = {  # bytes measured on the messages (npy-encoded), replacing the method's float32 count
             "uplink_bytes": sum(exchange.up.get(c, 0) for c in ids) / len(ids),
@@ -234,6 +253,7 @@ class LoraStrategy(Strategy, driver.Engine):
             "failed": failed,
             "rejected": rejected,
             "resyncs": exchange.resyncs,
+            "nodes": self.nodes.take_events(),
         }
         return driver.ClientRound([u for _, u, _ in accepted], [loss for _, _, loss in accepted], measured)
 
@@ -249,7 +269,7 @@ class LoraStrategy(Strategy, driver.Engine):
         self.global_lora = result.lora
         record["method_uplink_bytes"] = result.stats["uplink_bytes"]
         record["method_downlink_bytes"] = result.stats["downlink_bytes"]
-        for what in ("failed", "rejected"):
+        for what in ("failed", "rejected", "nodes"):
             if record[what]:
                 log(WARNING, "round %d %s: %s", round + 1, what, record[what])
 
@@ -258,9 +278,33 @@ class LoraStrategy(Strategy, driver.Engine):
         summary["uplink_bytes"] = sum(row.get("uplink_bytes_total", 0) for row in trained)  # measured, all replies
         summary["downlink_bytes"] = sum(row.get("downlink_bytes_total", 0) for row in trained)
         summary["engine"] = "flower"
+        summary["status"] = "completed"
 
     def log(self, line: str) -> None:
         log(INFO, "%s", line)
+
+
+def write_failure(out: Path, strategy: LoraStrategy | None, error: BaseException) -> None:
+    """``summary.json`` saying the run failed, why, and after how many rounds (the checkpoint holds those)."""
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    log(ERROR, "the run failed: %s", reason)
+    log(ERROR, "%s", "".join(traceback.format_exception(error)).rstrip())
+    summary = {"status": "failed", "reason": reason, "engine": "flower"}
+    if strategy is not None:
+        summary.update(method=strategy.config.method, rounds=strategy.config.rounds,
+                       rounds_completed=strategy.round, out=str(out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as write_error:
+        log(ERROR, "could not write %s: %s", out / "summary.json", write_error)
+
+
+def _failed_summary(out: Path) -> bool:
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _metric_record(record: dict) -> MetricRecord:
@@ -268,4 +312,4 @@ def _metric_record(record: dict) -> MetricRecord:
                          if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)})
 
 
-__all__ = ["BACKBONE_LOG", "LoraStrategy", "RoundFailed"]
+__all__ = ["BACKBONE_LOG", "LoraStrategy", "RoundFailed", "write_failure"]
