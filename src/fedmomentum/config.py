@@ -49,16 +49,18 @@ class RunConfig:
     lr_schedule: str = "cosine"  # constant | cosine | linear, over rounds (to 0.1·lr)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast of the forward pass (the base's own precision is ``dtype``)
     # evaluation
     eval_every: int = 1
     accuracy_every: int = 0  # 0 = only after the last round
     accuracy_per_family: int = 8
     gsm8k_eval: int = 0  # GSM8K test questions scored with accuracy (0 = none)
     max_new_tokens: int = 32
+    eval_batch_size: int = 16  # held-out examples per forward pass and prompts per generate() call
     # running
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # the base model's weights: float32 | bfloat16 | float16; auto = bfloat16 on CUDA, else float32
     out: str = ""  # "" = runs/<method>
     export_merged: bool = False
 
@@ -87,6 +89,9 @@ class RunConfig:
             (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
             (self.lora_r >= 1, "lora_r must be ≥ 1"),
             (self.eval_every >= 1, "eval_every must be ≥ 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be ≥ 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "dtype must be auto, float32, bfloat16 or float16"),
             (self.families or self.jsonl, "give at least one task family or JSONL file"),
             (self.device == "cpu" or self.device.startswith("cuda"), "device must be cpu or cuda[:N]"),
         ]

