@@ -2,7 +2,9 @@
 and the small pieces of maths several methods use (weighted means, stacked products, an adapter from an SVD).
 
 A method sees tensors only. Subclasses implement ``aggregate_layer`` for one layer; the base class checks
-the updates, computes ``p_i``, casts to the aggregation dtype and totals the stats.
+the updates, computes ``p_i``, casts to the aggregation dtype and totals the stats. A method that needs an SVD
+says of what in ``svd_terms``; the base class takes those SVDs for all layers at once (``linalg.svds``: layers of
+equal shape in one batch, unless ``batched=False``) and hands each layer its own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..linalg import lowrank_norm, stack
+from ..linalg import ProductSVD, Terms, lowrank_norm, stack, svds
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
 
 WIRE_BYTES = 4  # float32 on the wire
@@ -29,15 +31,19 @@ class Method:
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
+    svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
 
-    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0):
+    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched must be true or false, got {batched!r}")
         self.weighting = weighting
         self.dtype = DTYPES[dtype]
         self.seed = seed
+        self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
         self.held: dict[str, LowRank] = {}  # deltas held back for a later round: the state between rounds
 
     def __repr__(self) -> str:
@@ -60,10 +66,15 @@ class Method:
         """Combine the clients' factors into a new global adapter and backbone deltas."""
         self.validate(global_lora, updates)
         weights = self.client_weights(updates)
+        pairs = {name: pair.to(self.dtype) for name, pair in global_lora.items()}
+        clients = {name: [u.factors[name].to(self.dtype) for u in updates] for name in pairs}
+        terms = {name: self.svd_terms(name, pair, clients[name], weights, scaling, round)
+                 for name, pair in pairs.items()}
+        decomposed = svds({name: t for name, t in terms.items() if t is not None}, self.svd, self.batched)
         lora, backbone, per_layer = {}, {}, {}
-        for name, pair in global_lora.items():
-            clients = [u.factors[name].to(self.dtype) for u in updates]
-            new, delta, stats = self.aggregate_layer(name, pair.to(self.dtype), clients, weights, scaling, round)
+        for name, pair in pairs.items():
+            new, delta, stats = self.aggregate_layer(name, pair, clients[name], weights, scaling, round,
+                                                     decomposed.get(name))
             lora[name] = new
             if delta is not None and delta.rank > 0:
                 backbone[name] = delta
@@ -94,6 +105,11 @@ class Method:
 
     # --- for subclasses -----------------------------------------------------------------------------
 
+    def svd_terms(self, name: str, global_pair: LoraPair, clients: list[LoraPair], weights: list[float],
+                  scaling: float, round: int) -> Terms | None:
+        """The low-rank sum whose SVD ``aggregate_layer`` needs for this layer (None: no SVD, the default)."""
+        return None
+
     def aggregate_layer(
         self,
         name: str,
@@ -102,7 +118,9 @@ class Method:
         weights: list[float],
         scaling: float,
         round: int,
+        svd: ProductSVD | None,
     ) -> tuple[LoraPair, LowRank | None, LayerStats]:
+        """One layer's new adapter, backbone delta (or None) and stats; ``svd`` is the SVD of ``svd_terms``."""
         raise NotImplementedError
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
@@ -126,6 +144,7 @@ class Method:
             raise UpdateError(f"{self.name}: no client updates to aggregate")
         if not global_lora:
             raise UpdateError(f"{self.name}: the global adapter has no layers")
+        factors = []
         for index, update in enumerate(updates):
             who = f"client {update.client_id or index!r}"
             n = update.num_examples
@@ -150,9 +169,10 @@ class Method:
                     raise UpdateError(f"{where}: rank {A.shape[0]} differs from the global rank {g.rank}, "
                                       f"and {self.name} needs equal ranks (use flora, fedex-lora, flexlora "
                                       f"or fedmomentum for mixed ranks)")
-                for factor, X in (("A", A), ("B", B)):
-                    if not _finite(X):
-                        raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
+                factors += [(where, "A", A), (where, "B", B)]
+        if not _all_finite([X for _, _, X in factors]):  # one pass and one device sync; then find the culprit
+            where, factor = next((where, factor) for where, factor, X in factors if not _all_finite([X]))
+            raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
         """Totals over layers, plus what each client sends and receives (float32 bytes)."""
@@ -184,12 +204,12 @@ class Method:
         })
 
 
-def _finite(X: Tensor) -> bool:
-    """No NaN or ±Inf in ``X`` (min and max propagate NaN: one fast pass, no boolean copy of ``X``)."""
-    if X.numel() == 0:
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """No NaN or ±Inf in any of ``tensors``: their largest ``|x|`` (NaN propagates) in one fused pass, one sync."""
+    tensors = [X for X in tensors if X.numel()]
+    if not tensors:
         return True
-    low, high = torch.aminmax(X)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
 
 
 def mean(tensors: list[Tensor], weights: list[float]) -> Tensor:

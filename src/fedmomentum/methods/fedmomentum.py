@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
+from ..linalg import SVD_KINDS, Terms, compress, energy_rank, numerical_rank
 from ..types import LowRank
 from .base import SPLITS, Method, adapter_from_svd
 
@@ -45,11 +45,12 @@ class FedMomentum(Method):
     def exact(self) -> bool:  # type: ignore[override]
         return self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+        return Terms([c.B for c in clients], [c.A for c in clients], weights)  # M = Σ p_i B_i A_i
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         rank, shape = global_pair.rank, global_pair.shape
-        L, R = stack([c.B for c in clients], [c.A for c in clients], weights)  # L @ R = M
-        svd = ProductSVD(L, R, self.svd)
-        S = svd.S
+        L, R, S = svd.L, svd.R, svd.S  # L @ R = M, stacked
         alive = min(numerical_rank(S, shape), rank)  # components the adapter takes; its other slots restart
         nonzero = numerical_rank(S, (len(S),))
         keep = energy_rank(S, rank, self.residual_energy) if self.merge_residual else alive
