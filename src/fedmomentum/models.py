@@ -5,7 +5,8 @@
 plain float32 safetensors copy under ``$FEDMOMENTUM_CACHE`` (default ``~/.cache/fedmomentum``) in the
 subfolder ``smollm2-135m-instruct``; later calls read the cache in about a second.
 
-``tiny_model()`` builds a small random Llama with the SmolLM2 tokenizer, for tests.
+``tiny_model()`` builds a small random Llama with the SmolLM2 tokenizer, for tests; ``random_model(shape)`` one of a
+real size (``135m``, ``1b``, ``7b``), straight on the device and in the dtype asked, to time and size the GPU path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "load_gguf",
     "load_model",
     "load_tokenizer",
+    "random_model",
     "resolve_dtype",
     "tiny_model",
 ]
@@ -247,6 +249,41 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# Llama shapes by name: hidden, layers, attention heads, key-value heads, MLP width, tied embeddings
+SHAPES = {
+    "135m": (576, 30, 9, 3, 1536, True),  # SmolLM2-135M
+    "1b": (2048, 16, 32, 8, 8192, False),  # Llama-3.2-1B-like
+    "7b": (4096, 32, 32, 32, 11008, False),  # Llama-2-7B
+}
+
+
+def random_model(
+    shape: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """A random-init Llama of a named shape (``SHAPES``) with the SmolLM2 tokenizer, built on ``device`` in ``dtype``
+    (no float32 copy on the host first). Its loss means nothing; it is for speed, memory and "does it run"."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    hidden, layers, heads, kv_heads, intermediate, tied = SHAPES[shape]
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return model, tokenizer
 
