@@ -49,6 +49,8 @@ def parse_args(argv=None):
                         "last round (0: no generation)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a tokenizer folder (default: SmolLM2's, from the model cache)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
                        accuracy_per_family=args.accuracy_per_family, max_new_tokens=args.max_new_tokens,
                        device=args.device, dtype=str(dtype).removeprefix("torch."), seed=args.seed, out=str(out))
     started = time.perf_counter()
-    model, tokenizer = random_model(args.shape, seed=args.seed, dtype=dtype, device=device)
+    model, tokenizer = random_model(args.shape, seed=args.seed, dtype=dtype, device=device, tokenizer=args.tokenizer)
     params = sum(p.numel() for p in model.parameters())
     built = time.perf_counter() - started
     setup, engine = simulation.engine(config, model=model, tokenizer=tokenizer)
@@ -163,7 +165,7 @@ def main(argv=None) -> dict:
     summary = {"shape": args.shape, "parameters": params, "device": device.type, "device_name": where,
                "dtype": str(dtype), "method": args.method, "torch": torch.__version__, "build_s": built,
                "prepare_s": prepared, "rounds": rows, "last_round_split": split,
-               "config": {k: v for k, v in vars(args).items() if k != "json"}}
+               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -267,13 +267,16 @@ def random_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tokenizer: str | os.PathLike | None = None,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """A random-init Llama of a named shape (``SHAPES``) with the SmolLM2 tokenizer, built on ``device`` in ``dtype``
-    (no float32 copy on the host first). Its loss means nothing; it is for speed, memory and "does it run"."""
+    """A random-init Llama of a named shape (``SHAPES``), built on ``device`` in ``dtype`` (no float32 copy on the
+    host first), with the tokenizer in the folder ``tokenizer`` (default: SmolLM2's). Its loss means nothing; it is
+    for speed, memory and "does it run"."""
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
     hidden, layers, heads, kv_heads, intermediate, tied = SHAPES[shape]
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer() if tokenizer is None else _prepare_tokenizer(
+        AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
