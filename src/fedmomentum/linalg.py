@@ -76,7 +76,8 @@ def _triangle(reflectors: Tensor) -> Tensor:
 class ProductSVD:
     """The thin SVD of ``L @ R`` (``L: d×q``, ``R: q×k``): all ``min(d, k, q)`` singular values in ``S``,
     singular vectors on request (``U(n)``, ``Vh(n)``: the leading ``n``, all by default). ``L`` and ``R`` stay
-    available as ``.L`` and ``.R``.
+    available as ``.L`` and ``.R``; ``S_cpu`` is ``S`` on the host (one copy per batch), for rank decisions and stats
+    that would otherwise wait on the GPU once per layer.
 
     ``kind="factored"`` (exact, never forms ``L @ R``): Householder QR of ``L`` and ``Rᵀ`` and the SVD of the
     small core ``T_L T_Rᵀ``; ``U(n)``/``Vh(n)`` apply the implicit ``Q`` to ``n`` core vectors. It takes a
@@ -100,11 +101,13 @@ class ProductSVD:
             self._left = self._right = None
             route = dense_svd if kind == "dense" else randomized_svd
             self._U, self.S, self._Vh = route(L @ R, min(L.shape[0], L.shape[1], R.shape[1]))
+        self.S_cpu = self.S.cpu()
 
     def __getitem__(self, index: int) -> ProductSVD:
         """Layer ``index`` of a batched SVD (views of the batch's tensors; nothing is recomputed)."""
         part = object.__new__(ProductSVD)
-        part.L, part.R, part.S, part._U, part._Vh = (x[index] for x in (self.L, self.R, self.S, self._U, self._Vh))
+        part.L, part.R, part.S, part.S_cpu, part._U, part._Vh = (
+            x[index] for x in (self.L, self.R, self.S, self.S_cpu, self._U, self._Vh))
         part._left, part._right = ((r[index], tau[index]) for r, tau in (self._left, self._right))
         return part
 
@@ -243,6 +246,6 @@ def compress(delta: LowRank, svd: ProductSVD | None = None) -> LowRank:
     svd = ProductSVD(delta.left, delta.right) if svd is None else svd
     left_norm, right_norm = svd.factor_norms()
     floor = left_norm * right_norm * max(delta.shape) ** 0.5
-    keep = min(numerical_rank(svd.S, (delta.rank,) + delta.shape),
-               int((svd.S > floor * torch.finfo(svd.S.dtype).eps).sum()))
+    keep = min(numerical_rank(svd.S_cpu, (delta.rank,) + delta.shape),
+               int((svd.S_cpu > floor * torch.finfo(svd.S.dtype).eps).sum()))
     return LowRank(svd.U(keep) * svd.S[:keep], svd.Vh(keep).contiguous())

@@ -51,9 +51,10 @@ class FedMomentum(Method):
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         rank, shape = global_pair.rank, global_pair.shape
         L, R, S = svd.L, svd.R, svd.S  # L @ R = M, stacked
-        alive = min(numerical_rank(S, shape), rank)  # components the adapter takes; its other slots restart
-        nonzero = numerical_rank(S, (len(S),))
-        keep = energy_rank(S, rank, self.residual_energy) if self.merge_residual else alive
+        spectrum = svd.S_cpu  # S on the host: ranks and stats without a GPU sync each
+        alive = min(numerical_rank(spectrum, shape), rank)  # components the adapter takes; its other slots restart
+        nonzero = numerical_rank(spectrum, (len(S),))
+        keep = energy_rank(spectrum, rank, self.residual_energy) if self.merge_residual else alive
         whole_tail = self.merge_residual and keep >= nonzero  # the backbone gets all the adapter leaves
         Vh = svd.Vh(alive if whole_tail else keep)
         RV = R @ Vh.mT
@@ -66,8 +67,8 @@ class FedMomentum(Method):
         else:
             residual = (LowRank((scaling * US[:, alive:keep]).contiguous(), Vh[alive:keep].contiguous())
                         if keep > alive else None)
-            residual_rank, dropped = keep - alive, float((S[keep:].double() ** 2).sum())
-        energy = float((S.double() ** 2).sum())
+            residual_rank, dropped = keep - alive, float((spectrum[keep:].double() ** 2).sum())
+        energy = float((spectrum.double() ** 2).sum())
         stats = {
             "rank": rank,
             "residual_rank": residual_rank,

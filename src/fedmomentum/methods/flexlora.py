@@ -28,10 +28,10 @@ class FlexLoRA(Method):
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         rank, shape = global_pair.rank, global_pair.shape
         L, R, S = svd.L, svd.R, svd.S
-        alive = min(numerical_rank(S, shape), rank)
+        alive = min(numerical_rank(svd.S_cpu, shape), rank)
         Vh = svd.Vh(alive)
         new = adapter_from_svd(L @ (R @ Vh.mT), S[:alive], Vh, rank, self.split,
                                lambda n: self.fresh_A(name, n, shape[1], round))
-        energy = float((S.double() ** 2).sum())
-        dropped = float((S[alive:].double() ** 2).sum()) / energy if energy > 0 else 0.0
+        energy = float((svd.S_cpu.double() ** 2).sum())
+        dropped = float((svd.S_cpu[alive:].double() ** 2).sum()) / energy if energy > 0 else 0.0
         return new, None, {"rank": rank, "energy": energy, "energy_dropped": dropped}
