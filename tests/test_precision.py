@@ -151,3 +151,12 @@ def test_dtype_bfloat16_runs_on_cpu_and_tracks_the_float32_run(small_config, tmp
     assert fp32[-1] < fp32[0] - 0.05  # it learns, so tracking means something
     for a, b in zip(fp32, bf16, strict=True):
         assert abs(a - b) < 0.02 * a, (fp32, bf16)
+
+
+@pytest.mark.parametrize("key, value, message", [("dtype", "fp8", "dtype must be"),
+                                                 ("eval_batch_size", 0, "eval_batch_size must be")])
+def test_bad_dtype_or_eval_batch_size_is_a_clear_config_error(key, value, message):
+    from fedmomentum.config import from_dict
+
+    with pytest.raises(ValueError, match=message):
+        from_dict({key: value}).validate()
