@@ -1,9 +1,13 @@
-"""Time one aggregation round for a Llama-2-7B-shaped adapter: factored SVD vs dense exact vs dense randomized.
+"""Time one aggregation round for a Llama-2-7B-shaped adapter: factored SVD (per layer and batched by shape) vs
+dense exact vs dense randomized.
 
 The round: q, k, v, o of 32 layers (128 layers of 4096×4096), N = 10 clients, LoRA rank r = 16.
 
-* factored: ``fedmomentum`` with default options (exact: residual_energy = 1), the whole 128-layer round
-  through ``method.aggregate`` (input checks, stacking, the factored SVD, adapter and backbone delta).
+* factored, per layer / batched: ``fedmomentum`` with default options (exact: residual_energy = 1), the whole
+  128-layer round through ``method.aggregate`` (input checks, stacking, the factored SVD, adapter and backbone
+  delta), with ``batched=False`` (one layer's QRs and SVD at a time) and with the default ``batched=True`` (the
+  layers of equal shape stacked and decomposed by single batched calls). The two are timed alternately, in the
+  same process, and their results compared.
 * dense exact: form the dense ``Σ p_i B_i A_i`` and ``torch.linalg.svd`` it (what a naive server does), on
   ``--dense-layers`` of those layers.
 * dense randomized: ``torch.svd_lowrank(Σ p_i B_i A_i, q=N·r, niter=2)`` on the same layers (what published
@@ -44,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--randomized-q", type=int, default=None,
                         help="torch.svd_lowrank's q (default N·r, the rank of the sum, so it can be exact)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the factored round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each factored route's round")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -83,6 +87,12 @@ class Clock:
         self.sync()
         return time.perf_counter() - start, out
 
+    def time_cpu(self, fn):
+        """Wall seconds, this process's CPU seconds (steadier than wall on a shared machine), and the result."""
+        cpu = time.process_time()
+        seconds, out = self.time(fn)
+        return seconds, time.process_time() - cpu, out
+
 
 def peak_memory_mb(device) -> float:
     """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in MiB."""
@@ -115,23 +125,34 @@ def main(argv=None):
 
     global_lora, updates = make_round(args, device, dtype)
     names = list(global_lora)
-    method = fm.methods.create("fedmomentum", dtype=args.dtype)
-    weights = method.client_weights(updates)
+    routes = {"per layer": fm.methods.create("fedmomentum", dtype=args.dtype, batched=False),
+              "batched": fm.methods.create("fedmomentum", dtype=args.dtype, batched=True)}
+    weights = routes["batched"].client_weights(updates)
     clock = Clock(device)
     inputs_mb = peak_memory_mb(device)
 
-    # warm up (thread pools, allocator, first touch of memory) on a few layers, then time whole rounds
+    # warm up (thread pools, allocator, first touch of memory) on a few layers, then time whole rounds,
+    # the two routes alternately so that a busy machine slows both alike
     few = names[: min(4, len(names))]
-    method.aggregate({n: global_lora[n] for n in few},
-                     [fm.ClientUpdate({n: u.factors[n] for n in few}, u.num_examples, u.client_id) for u in updates],
-                     scaling=SCALING)
-    times = []
+    for method in routes.values():
+        method.aggregate({n: global_lora[n] for n in few},
+                         [fm.ClientUpdate({n: u.factors[n] for n in few}, u.num_examples, u.client_id)
+                          for u in updates], scaling=SCALING)
+    times = {route: [] for route in routes}
+    cpu_times = {route: [] for route in routes}
+    results = {}
     for _ in range(args.repeats):
-        agg = None  # free the previous round's result first
-        seconds, agg = clock.time(lambda: method.aggregate(global_lora, updates, scaling=SCALING))
-        times.append(seconds)
-    round_s, round_median = min(times), statistics.median(times)
+        for route, method in routes.items():
+            results[route] = None  # free the previous round's result first
+            seconds, cpu, results[route] = clock.time_cpu(
+                lambda method=method: method.aggregate(global_lora, updates, scaling=SCALING))
+            times[route].append(seconds)
+            cpu_times[route].append(cpu)
     factored_mb = peak_memory_mb(device)
+    agg = results["batched"]
+    route_gap = max(float((results["per layer"].lora[n].A - agg.lora[n].A).abs().max()) for n in names)
+    route_gap = max(route_gap, *(float((results["per layer"].lora[n].B - agg.lora[n].B).abs().max()) for n in names))
+    results = None
 
     # accuracy of the factored round, and the dense routes, on the first n_dense layers
     rows = {"factored": [], "dense": [], "randomized": []}
@@ -157,9 +178,11 @@ def main(argv=None):
             del approx
     dense_mb = peak_memory_mb(device)
 
-    per_layer = round_s / args.layers
+    best = {route: min(t) for route, t in times.items()}
+    median = {route: statistics.median(t) for route, t in times.items()}
+    per_layer = best["batched"] / args.layers
     factored_err = max(rows["factored"]) if rows["factored"] else float("nan")
-    summary = {"factored": (per_layer, factored_err)}
+    summary = {"batched": (per_layer, factored_err), "per layer": (best["per layer"] / args.layers, factored_err)}
     for route in ("dense", "randomized"):
         if rows[route]:
             summary[route] = (statistics.mean(t for t, _ in rows[route]), max(e for _, e in rows[route]))
@@ -173,18 +196,25 @@ def main(argv=None):
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     print(f"device: {device.type} ({where}); torch {torch.__version__}")
     print(f"dense routes and errors on {n_dense} layer(s); errors are ‖route − sΣpBA‖_F / ‖sΣpBA‖_F vs float64\n")
-    print(f"{'route':<28}{'per layer':>12}{'factored is':>14}{'rel. error':>13}")
-    labels = {"factored": "factored SVD (fedmomentum)", "dense": "dense exact (linalg.svd)",
-              "randomized": f"dense randomized (q={q_randomized})"}
+    print(f"{'route':<34}{'per layer':>12}{'batched is':>14}{'rel. error':>13}")
+    labels = {"batched": "factored SVD, batched by shape", "per layer": "factored SVD, per layer",
+              "dense": "dense exact (linalg.svd)", "randomized": f"dense randomized (q={q_randomized})"}
     for route, (seconds, err) in summary.items():
-        speedup = "" if route == "factored" else f"{seconds / per_layer:,.0f}× faster"
-        print(f"{labels[route]:<28}{fmt_time(seconds):>12}{speedup:>14}{err:>13.2e}")
-    print(f"\nwhole round (factored, {args.layers} layers): {round_s:.3f} s best, {round_median:.3f} s median "
-          f"of {args.repeats}")
+        speedup = "" if route == "batched" else f"{seconds / per_layer:,.2f}× faster"
+        print(f"{labels[route]:<34}{fmt_time(seconds):>12}{speedup:>14}{err:>13.2e}")
+    print(f"\nwhole round ({args.layers} layers), best / median of {args.repeats}, the routes timed alternately:")
+    for route in ("per layer", "batched"):
+        cpu = f", CPU {min(cpu_times[route]):.3f} s" if device.type == "cpu" else ""
+        print(f"  {labels[route]:<32}{best[route]:8.3f} s / {median[route]:.3f} s{cpu}")
+    ratio = best["per layer"] / best["batched"]
+    cpu_ratio = (f", CPU-time ratio {min(cpu_times['per layer']) / min(cpu_times['batched']):.2f}×"
+                 if device.type == "cpu" else "")
+    print(f"  batched / per-layer speed-up: {ratio:.2f}× (medians {median['per layer'] / median['batched']:.2f}×"
+          f"{cpu_ratio}); largest |difference| of the two routes' adapters: {route_gap:.1e}")
     unit = "GPU max allocated" if device.type == "cuda" else "peak RSS"
     print(f"{unit}: {inputs_mb:,.0f} MiB after making the factors, {factored_mb:,.0f} MiB after the factored "
           f"rounds, {dense_mb:,.0f} MiB after the dense routes")
-    return summary, round_s
+    return summary, best["batched"]
 
 
 def fmt_time(seconds: float) -> str:

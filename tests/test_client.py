@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmomentum.client import TrainConfig, batches, train_client
-from fedmomentum.data import Example, encode, prompt_ids
+from fedmomentum.client import TrainConfig, batches, response_loss, train_client
+from fedmomentum.data import Example, collate, encode, prompt_ids
 from fedmomentum.models import tiny_model
-from fedmomentum.peft_io import add_lora, get_lora
+from fedmomentum.peft_io import add_lora, get_lora, set_trainable
 
 
 def test_batches_walk_seeded_epochs():
@@ -60,3 +60,44 @@ def test_a_non_finite_gradient_names_the_client_and_step(fresh_tiny):
     with pytest.raises(FloatingPointError, match=r"client 'client-7', step 1: the gradient is not finite"):
         train_client(model, data, get_lora(model), {"A": True, "B": True}, TrainConfig(local_steps=2, batch_size=1),
                      client_id="client-7")
+
+
+def test_response_loss_is_the_models_own_loss_and_gradient(fresh_tiny):
+    """The vocabulary projection only at positions that predict a labelled token: same loss, same gradients."""
+    model, tokenizer = fresh_tiny
+    model = add_lora(model, r=4, alpha=8)
+    examples = [Example(f"What is {a} + {b}?", str(a + b), "x", str(a + b)) for a, b in ((1, 2), (30, 45), (7, 100))]
+    batch = collate([encode(e, tokenizer, 64) for e in examples], tokenizer.pad_token_id)
+    params = set_trainable(model, {"A": True, "B": True})
+    model.train()
+    grads = []
+    for compute in (lambda: model(**batch).loss, lambda: response_loss(model, batch)):
+        loss = compute()
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (full, full_grads), (ours, our_grads) = grads
+    assert ours == pytest.approx(full, rel=1e-6)
+    for a, b in zip(full_grads, our_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    total = response_loss(model, batch, reduction="sum")
+    assert float(total) == pytest.approx(full * int((batch["labels"][:, 1:] != -100).sum()), rel=1e-6)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older architectures): every position's logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_response_loss_without_logits_to_keep_falls_back_to_all_positions(tiny_model):
+    model, tokenizer = tiny_model
+    batch = collate([encode(Example("What is 2 + 2?", "4", "x", "4"), tokenizer, 64)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+        assert float(response_loss(_NoLogitsToKeep(model), batch)) == pytest.approx(expected, rel=1e-6)

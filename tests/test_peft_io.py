@@ -70,10 +70,11 @@ def test_apply_backbone_adds_left_times_right(tiny_model, dtype):
     deltas = {name: fm.LowRank(torch.randn(w.shape[0], 3, generator=g), torch.randn(3, w.shape[1], generator=g))
               for name, w in before.items()}
     apply_backbone(model, deltas)
-    after = get_backbone(model)
+    after, layers = get_backbone(model), lora_layers(model)
     for name, delta in deltas.items():
-        expected = (before[name].float() + delta.dense()).to(dtype)
-        torch.testing.assert_close(after[name], expected)
+        expected = before[name].float() + delta.dense()
+        torch.testing.assert_close(after[name], expected)  # the backbone (a float32 master for a bf16 weight)
+        torch.testing.assert_close(layers[name].get_base_layer().weight, expected.to(dtype))  # what the model uses
     with pytest.raises(ValueError, match="does not adapt"):
         apply_backbone(model, {"model.embed_tokens": next(iter(deltas.values()))})
 

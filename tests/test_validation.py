@@ -420,4 +420,4 @@ def test_text_options_are_converted_by_their_declared_type():
     with pytest.raises(ValueError, match=r"fedmomentum option residual_energy = 'abc': expected a finite number"):
         fm.methods.parse_options("fedmomentum", {"residual_energy": "abc"})
     assert fm.methods.option_types("flexlora") == {"split": str, "svd": str, "weighting": str, "dtype": str,
-                                                   "seed": int}
+                                                   "seed": int, "batched": bool}

@@ -24,7 +24,7 @@ from .data import (
     partition,
     split_held_out,
 )
-from .models import load_model
+from .models import load_model, resolve_dtype
 from .peft_io import add_lora, scaling
 
 
@@ -42,9 +42,13 @@ class Setup:
 
 
 def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
-    """The base model (loaded from ``config.model`` unless given) wrapped with the run's seeded LoRA adapter."""
+    """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, wrapped with the run's
+    seeded LoRA adapter (float32 factors whatever the base's dtype: PEFT upcasts them)."""
+    dtype = resolve_dtype(config.dtype, config.device)
     if model is None:
-        model, tokenizer = load_model(config.model, device=config.device)
+        model, tokenizer = load_model(config.model, device=config.device, dtype=dtype)
+    elif model.dtype != dtype:
+        model.to(dtype)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
                      dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
     return model, tokenizer

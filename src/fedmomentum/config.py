@@ -66,16 +66,18 @@ class RunConfig:
     lr_schedule: str = "cosine"  # constant | cosine | linear, over rounds (to 0.1·lr)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast of the forward pass (the base's own precision is ``dtype``)
     # evaluation
     eval_every: int = 1
     accuracy_every: int = 0  # 0 = only after the last round
     accuracy_per_family: int = 8
     gsm8k_eval: int = 0  # GSM8K test questions scored with accuracy (0 = none)
     max_new_tokens: int = 32
+    eval_batch_size: int = 16  # held-out examples per forward pass and prompts per generate() call
     # running
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # the base model's weights: float32 | bfloat16 | float16; auto = bfloat16 on CUDA, else float32
     out: str = ""  # "" = runs/<method>
     export_merged: bool = False
     export_rank: int = 0  # adapter_for_original_base/: 0 = the change's numerical rank, else at most this
@@ -139,6 +141,9 @@ class RunConfig:
             (all(p for p in self.data), "data must be a list of file or folder paths"),
             (self.data_format in ("", *FORMATS), f"data_format must be empty (detect) or one of {', '.join(FORMATS)}"),
             (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be ≥ 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "dtype must be auto, float32, bfloat16 or float16"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,11 +7,17 @@ whole, exactly, at ``O((d+k) q²)`` instead of ``O(d k min(d, k))``.
 The QR factors stay in Householder form (``torch.geqrf``): the singular values need only the triangular
 factors, and a method that needs only the leading ``n`` singular vectors pays ``O((d+k) q n)`` for them
 (``ProductSVD.U(n)`` / ``ProductSVD.Vh(n)``) instead of forming both ``d×q`` and ``k×q`` orthonormal bases.
+
+A round's layers come in a few shapes (q, k, v, o of every block), so ``svds`` stacks the layers of equal shape
+into one batch and decomposes each batch with single batched calls: on a GPU one layer's QRs are far too small to
+keep it busy, so the per-layer route is bound by latency. ``ProductSVD`` takes a leading batch dimension, and
+``svd[i]`` is layer ``i`` of a batch (views, nothing recomputed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,58 +26,132 @@ from .types import LowRank, Tensor
 SVD_KINDS = ("factored", "dense", "randomized")
 
 
-def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[float] | None = None):
-    """``(L, R)`` with ``L @ R = Σ w_i lefts[i] @ rights[i]``; the weights go on the left factors."""
+def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[float] | None = None,
+          out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(L, R)`` with ``L @ R = Σ w_i lefts[i] @ rights[i]``; the weights go on the left factors.
+
+    ``out``: an ``(L, R)`` pair of the right shapes to write into (one layer of a batch).
+    """
     if weights is None:
         weights = [1.0] * len(lefts)
     if not (len(lefts) == len(rights) == len(weights)) or not lefts:
         raise ValueError(f"need as many lefts, rights and weights, and at least one: "
                          f"{len(lefts)}, {len(rights)}, {len(weights)}")
-    L = torch.cat(list(lefts), 1)
+    L = torch.cat(list(lefts), 1) if out is None else torch.cat(list(lefts), 1, out=out[0])
     L *= torch.cat([torch.full((x.shape[1],), float(w), dtype=L.dtype, device=L.device)
                     for w, x in zip(weights, lefts, strict=True)])  # w_i on the columns of lefts[i]
-    return L, torch.cat(list(rights), 0)
+    return L, torch.cat(list(rights), 0) if out is None else torch.cat(list(rights), 0, out=out[1])
+
+
+@dataclass(frozen=True)
+class Terms:
+    """``Σ w_i lefts[i] @ rights[i]``, not yet stacked: the matrix a method asks the SVD of (see ``svds``)."""
+
+    lefts: list[Tensor]
+    rights: list[Tensor]
+    weights: list[float]
+
+    def layout(self) -> tuple:
+        """What must match for two layers' terms to be stacked into one batch."""
+        return (tuple(x.shape for x in self.lefts), tuple(x.shape for x in self.rights),
+                self.lefts[0].dtype, self.lefts[0].device)
+
+    def stacked(self, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return stack(self.lefts, self.rights, self.weights, out)
 
 
 def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
     """``Q @ X`` for the ``Q`` of ``torch.geqrf`` (kept implicit), ``X`` zero-padded to ``Q``'s rows."""
-    if X.shape[0] < reflectors.shape[0]:
-        X = torch.cat([X, X.new_zeros(reflectors.shape[0] - X.shape[0], X.shape[1])], 0)
+    missing = reflectors.shape[-2] - X.shape[-2]
+    if missing > 0:
+        X = torch.cat([X, X.new_zeros(*X.shape[:-2], missing, X.shape[-1])], -2)
     return torch.ormqr(reflectors, tau, X)
+
+
+def _triangle(reflectors: Tensor) -> Tensor:
+    """The triangular factor ``R`` that ``torch.geqrf`` leaves in the upper part of its output."""
+    return torch.triu(reflectors[..., : min(reflectors.shape[-2:]), :])
 
 
 class ProductSVD:
     """The thin SVD of ``L @ R`` (``L: d×q``, ``R: q×k``): all ``min(d, k, q)`` singular values in ``S``,
-    singular vectors on request (``U(n)``, ``Vh(n)``: the leading ``n``, all by default).
+    singular vectors on request (``U(n)``, ``Vh(n)``: the leading ``n``, all by default). ``L`` and ``R`` stay
+    available as ``.L`` and ``.R``; ``S_cpu`` is ``S`` on the host (one copy per batch), for rank decisions and stats
+    that would otherwise wait on the GPU once per layer.
 
     ``kind="factored"`` (exact, never forms ``L @ R``): Householder QR of ``L`` and ``Rᵀ`` and the SVD of the
-    small core ``T_L T_Rᵀ``; ``U(n)``/``Vh(n)`` apply the implicit ``Q`` to ``n`` core vectors.
+    small core ``T_L T_Rᵀ``; ``U(n)``/``Vh(n)`` apply the implicit ``Q`` to ``n`` core vectors. It takes a
+    batch as well (``L: b×d×q``, ``R: b×q×k``): ``svd[i]`` is layer ``i``.
     ``"dense"`` (exact SVD of the dense matrix) and ``"randomized"`` (``torch.svd_lowrank`` on it, as
-    published code does) are there for parity and benchmarks.
+    published code does) are there for parity and benchmarks (one matrix at a time).
     """
 
     def __init__(self, L: Tensor, R: Tensor, kind: str = "factored"):
         if kind not in SVD_KINDS:
             raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
+        self.L, self.R = L, R
         if kind == "factored":
             self._left = torch.geqrf(L)
             self._right = torch.geqrf(R.mT)
-            core = torch.triu(self._left[0][: min(L.shape)]) @ torch.triu(self._right[0][: min(R.shape)]).mT
+            core = _triangle(self._left[0]) @ _triangle(self._right[0]).mT
             self._U, self.S, self._Vh = torch.linalg.svd(core, full_matrices=False)
         else:
+            if L.ndim != 2:
+                raise ValueError(f"the {kind} svd takes one matrix at a time, got a batch of {L.shape[0]}")
             self._left = self._right = None
             route = dense_svd if kind == "dense" else randomized_svd
             self._U, self.S, self._Vh = route(L @ R, min(L.shape[0], L.shape[1], R.shape[1]))
+        self.S_cpu = self.S.cpu()
+
+    def __getitem__(self, index: int) -> ProductSVD:
+        """Layer ``index`` of a batched SVD (views of the batch's tensors; nothing is recomputed)."""
+        part = object.__new__(ProductSVD)
+        part.L, part.R, part.S, part.S_cpu, part._U, part._Vh = (
+            x[index] for x in (self.L, self.R, self.S, self.S_cpu, self._U, self._Vh))
+        part._left, part._right = ((r[index], tau[index]) for r, tau in (self._left, self._right))
+        return part
 
     def U(self, n: int | None = None) -> Tensor:
         """The leading ``n`` left singular vectors, ``d×n``."""
-        U = self._U[:, :n]
+        U = self._U[..., :n]
         return U if self._left is None else _apply_q(*self._left, U).contiguous()
 
     def Vh(self, n: int | None = None) -> Tensor:
         """The leading ``n`` right singular vectors as rows, ``n×k``."""
-        Vh = self._Vh[:n]
+        Vh = self._Vh[..., :n, :]
         return Vh if self._right is None else _apply_q(*self._right, Vh.mT).mT
+
+    def factor_norms(self) -> tuple[float, float]:
+        """``‖L‖₂`` and ``‖R‖₂`` of one matrix's factors (from the QRs' small triangular factors when there are)."""
+        if self._left is None:
+            return spectral_norm(self.L), spectral_norm(self.R)
+        return spectral_norm(_triangle(self._left[0])), spectral_norm(_triangle(self._right[0]))
+
+
+def svds(terms: dict[str, Terms], kind: str = "factored", batched: bool = True) -> dict[str, ProductSVD]:
+    """The ``ProductSVD`` of each layer's terms.
+
+    ``batched`` (the factored route only): the layers whose terms have the same layout are stacked straight into
+    one ``b×d×q`` / ``b×q×k`` pair and decomposed together; the results equal the per-layer route's. The layers'
+    ``svd.L`` / ``svd.R`` are then views of the batch (disjoint, contiguous).
+    """
+    if not (batched and kind == "factored"):
+        return {name: ProductSVD(*t.stacked(), kind) for name, t in terms.items()}
+    groups: dict[tuple, list[str]] = {}
+    for name, t in terms.items():
+        groups.setdefault(t.layout(), []).append(name)
+    result = {}
+    for names in groups.values():
+        first = terms[names[0]]
+        d, k = first.lefts[0].shape[0], first.rights[0].shape[1]
+        q = sum(x.shape[1] for x in first.lefts)
+        L = first.lefts[0].new_empty(len(names), d, q)
+        R = first.rights[0].new_empty(len(names), q, k)
+        for i, name in enumerate(names):
+            terms[name].stacked(out=(L[i], R[i]))
+        batch = ProductSVD(L, R)
+        result.update((name, batch[i]) for i, name in enumerate(names))
+    return result
 
 
 def factored_svd(
@@ -154,16 +234,18 @@ def spectral_norm(X: Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt()) if gram.numel() else 0.0
 
 
-def compress(delta: LowRank) -> LowRank:
+def compress(delta: LowRank, svd: ProductSVD | None = None) -> LowRank:
     """The same matrix with its factors cut to its numerical rank (``U S`` on the left, ``Vh`` on the right).
 
     Besides numpy's rule (relative to ``σ_1``), components at the round-off of forming ``left @ right`` at all
     (``ε √max(d, k) ‖left‖₂ ‖right‖₂``) are dropped, so terms that cancel (``B A − B A``) compress to rank 0.
+    ``svd``: the factored ``ProductSVD`` of ``delta.left @ delta.right`` when it was already taken (``svds``).
     """
     if delta.rank == 0:
         return delta
-    svd = ProductSVD(delta.left, delta.right)
-    floor = spectral_norm(delta.left) * spectral_norm(delta.right) * max(delta.shape) ** 0.5
-    keep = min(numerical_rank(svd.S, (delta.rank,) + delta.shape),
-               int((svd.S > floor * torch.finfo(svd.S.dtype).eps).sum()))
+    svd = ProductSVD(delta.left, delta.right) if svd is None else svd
+    left_norm, right_norm = svd.factor_norms()
+    floor = left_norm * right_norm * max(delta.shape) ** 0.5
+    keep = min(numerical_rank(svd.S_cpu, (delta.rank,) + delta.shape),
+               int((svd.S_cpu > floor * torch.finfo(svd.S.dtype).eps).sum()))
     return LowRank(svd.U(keep) * svd.S[:keep], svd.Vh(keep).contiguous())

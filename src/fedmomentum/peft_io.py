@@ -133,10 +133,39 @@ def _oriented(layer: LoraLayer, delta: LowRank) -> LowRank:
     return LowRank(delta.right.mT, delta.left.mT) if getattr(layer, "fan_in_fan_out", False) else delta
 
 
+# --- the backbone: what the method defines, whatever the precision the base model is held in -------------------
+#
+# A bfloat16 weight cannot take a small delta: ``W + D`` rounds back to ``W`` when ``|D|`` is under half a bf16 ulp
+# of ``W`` (about 2^-9 |W|), and errors pile up round after round. So an adapted layer whose stored weight is low
+# precision gets a float32 master copy the first time a delta reaches it: deltas are added to the master, and the
+# stored weight is the master rounded once. Layers that never receive a delta (every layer of fedit, ffa-lora,
+# rolora, flexlora) and float32 weights need no copy. The masters live on the PEFT model (so the simulation, the
+# server and every Flower node apply deltas with this one function), on the weight's device; checkpoints
+# (``get_backbone``/``set_backbone``) carry them, exports round them once.
+
+_MASTERS = "_fedmomentum_backbone_fp32"
+
+
+def _masters(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The model's float32 master weights, by layer (created empty on first use; ``copy.deepcopy`` copies them)."""
+    return vars(model).setdefault(_MASTERS, {})
+
+
+def backbone_dtypes(model: PeftModel) -> dict[str, torch.dtype]:
+    """The precision each adapted layer's backbone is kept in: float32 where a master copy holds it."""
+    masters = _masters(model)
+    return {name: torch.float32 if name in masters else layer.get_base_layer().weight.dtype
+            for name, layer in lora_layers(model).items()}
+
+
 @torch.no_grad()
 def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
-    """``W += left @ right`` for each layer, in place, accumulating in float32 whatever the model's dtype."""
-    layers = lora_layers(model)
+    """``W += left @ right`` for each layer, in place, in float32 whatever the model's dtype.
+
+    A low-precision weight gets a float32 master copy on its first delta (see above): the delta goes into the
+    master, the weight becomes the master rounded once, so the model never drifts from the float32 backbone.
+    """
+    layers, masters = lora_layers(model), _masters(model)
     unknown = sorted(set(deltas) - set(layers))
     if unknown:
         raise ValueError(f"backbone deltas for layers the model does not adapt: {unknown[:3]}")
@@ -148,8 +177,11 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
         left, right = stored.left.to(weight.device, torch.float32), stored.right.to(weight.device, torch.float32)
         if weight.dtype == torch.float32:
             weight.addmm_(left, right)
-        else:
-            weight.copy_(torch.addmm(weight.float(), left, right))
+            continue
+        if name not in masters:
+            masters[name] = weight.float()
+        masters[name].addmm_(left, right)
+        weight.copy_(masters[name])
 
 
 class BackboneWeights(Mapping):
@@ -172,17 +204,30 @@ class BackboneWeights(Mapping):
 
 
 def get_backbone(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapted layers' base weights (the only backbone weights any method changes)."""
-    return {name: layer.get_base_layer().weight.detach().cpu().clone() for name, layer in lora_layers(model).items()}
+    """The adapted layers' backbone weights (the only ones any method changes), as CPU copies: the float32 master
+    where a layer has one, else the stored weight in its own dtype."""
+    masters = _masters(model)
+    return {name: masters.get(name, layer.get_base_layer().weight).detach().cpu().clone()
+            for name, layer in lora_layers(model).items()}
 
 
 @torch.no_grad()
 def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
-    layers = lora_layers(model)
+    """Load what ``get_backbone`` returned (e.g. from a checkpoint): a value the stored weight cannot hold exactly
+    (float32 into a bfloat16 weight) becomes the layer's master copy."""
+    layers, masters = lora_layers(model), _masters(model)
     if set(weights) != set(layers):
         raise ValueError("backbone weights do not cover exactly the adapted layers")
-    for name, weight in weights.items():
-        layers[name].get_base_layer().weight.copy_(weight)
+    for name, value in weights.items():
+        weight = layers[name].get_base_layer().weight
+        if value.shape != weight.shape or not value.is_floating_point():
+            raise ValueError(f"layer {name!r}: backbone weight {value.dtype} {tuple(value.shape)} does not fit the "
+                             f"model's {tuple(weight.shape)}")
+        value = value.to(weight.device)
+        masters.pop(name, None)
+        if not torch.equal(value.to(weight.dtype).to(value.dtype), value):
+            masters[name] = value.float().clone()
+        weight.copy_(value)
 
 
 def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None = None) -> None:
@@ -201,18 +246,24 @@ def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge
     """Save the backbone as a plain HF model folder, with the adapter merged in (or, ``merge=False``, without).
 
     ``merge=False`` gives the updated base that the exported PEFT adapter must be loaded on; ``model`` is
-    left untouched either way.
+    left untouched either way. Weights are saved in the model's dtype: an adapted layer is its float32 backbone
+    (plus ``s·B·A`` when merging) rounded once. The copy is built on the meta device, so no second random init
+    (or float32 copy) of a large model is made.
     """
     base = model.get_base_model()
+    masters = _masters(model)
     state = {key.replace(".base_layer.", "."): value.detach().cpu().clone()
              for key, value in base.state_dict().items() if "lora_" not in key}
-    if merge:
-        for name, layer in lora_layers(model).items():
-            weight = state[f"{name}.weight"]
-            delta = layer.get_delta_weight(ADAPTER).detach().float().cpu()  # PEFT's s·B·A, oriented like W
-            state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
-    plain = type(base)(base.config)
-    plain.load_state_dict(state, strict=True)
+    for name, layer in lora_layers(model).items():
+        key = f"{name}.weight"
+        weight = masters[name].cpu() if name in masters else state[key].float()
+        if merge:
+            weight = weight + layer.get_delta_weight(ADAPTER).detach().float().cpu()  # PEFT's s·B·A, oriented like W
+        state[key] = weight.to(state[key].dtype)
+    with torch.device("meta"):
+        plain = type(base)(base.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
     plain.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -3,7 +3,9 @@ and the small pieces of maths several methods use (weighted means, stacked produ
 
 A method sees tensors only. Subclasses implement ``aggregate_layer`` for one layer; the base class checks
 the updates, computes ``p_i``, brings every update to the global LoRA scaling (a client of another rank has its
-own ``s_k``), casts to the aggregation dtype and totals the stats.
+own ``s_k``), casts to the aggregation dtype and totals the stats. A method that needs an SVD says of what in
+``svd_terms``; the base class takes those SVDs for all layers at once (``linalg.svds``: layers of equal shape in
+one batch, unless ``batched=False``) and hands each layer its own.
 
 Besides ``aggregate``, two optional parts of the contract:
 
@@ -24,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from ..linalg import ProductSVD, lowrank_norm, numerical_rank, stack
+from ..linalg import ProductSVD, Terms, lowrank_norm, numerical_rank, stack, svds
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
 
 WIRE_BYTES = 4  # float32 on the wire
@@ -41,8 +43,9 @@ class Method:
     holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
+    svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
 
-    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0):
+    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         if dtype not in DTYPES:
@@ -52,6 +55,7 @@ class Method:
         self.weighting = weighting
         self.dtype = DTYPES[dtype]
         self.seed = seed
+        self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
         self.held: dict[str, LowRank] = {}  # deltas held back for a later round: the state between rounds
 
     def __repr__(self) -> str:
@@ -86,12 +90,20 @@ class Method:
         self.validate(global_lora, updates, scaling)
         weights = self.client_weights(updates)
         ratios = [1.0 if u.scaling is None else float(u.scaling) / scaling for u in updates]
+        pairs = {name: pair.to(self.dtype) for name, pair in global_lora.items()}
+        clients = {name: [_rescaled(u.factors[name].to(self.dtype), ratio) for u, ratio in zip(updates, ratios,
+                                                                                                 strict=True)]
+                   for name in pairs}
+        terms = {name: self.svd_terms(name, pair, clients[name], weights, scaling, round)
+                 for name, pair in pairs.items()}
+        decomposed = self._svds({name: t for name, t in terms.items() if t is not None})
         lora, backbone, per_layer = {}, {}, {}
-        for name, pair in global_lora.items():
-            clients = [_rescaled(u.factors[name].to(self.dtype), ratio) for u, ratio in zip(updates, ratios,
-                                                                                             strict=True)]
+        for name, pair in pairs.items():
             try:
-                new, delta, stats = self.aggregate_layer(name, pair.to(self.dtype), clients, weights, scaling, round)
+                if terms[name] is not None and name not in decomposed:
+                    raise torch.linalg.LinAlgError(name)
+                new, delta, stats = self.aggregate_layer(name, pair, clients[name], weights, scaling, round,
+                                                         decomposed.get(name))
             except torch.linalg.LinAlgError:
                 new, delta, stats = None, None, {}
             self._check_result(name, new, delta, stats)
@@ -167,6 +179,20 @@ class Method:
             raise ValueError(f"{self.name} needs every client at the global rank {global_rank}; it cannot mix "
                              f"ranks {sorted(set(client_ranks))} (use flora, fedex-lora, flexlora or fedmomentum)")
 
+    def _svds(self, terms: dict[str, Terms]) -> dict[str, ProductSVD]:
+        """``linalg.svds`` of the layers' terms; if a batch fails to converge, layer by layer, leaving out the
+        layers that fail (``aggregate`` reports the first)."""
+        try:
+            return svds(terms, self.svd, self.batched)
+        except torch.linalg.LinAlgError:
+            result = {}
+            for name, t in terms.items():
+                try:
+                    result.update(svds({name: t}, self.svd, batched=False))
+                except torch.linalg.LinAlgError:
+                    pass
+            return result
+
     def _check_result(self, name: str, new: LoraPair | None, delta: LowRank | None, stats: LayerStats) -> None:
         """A layer whose aggregate is not finite (or whose SVD failed on it) overflowed the aggregation dtype."""
         tensors = [] if new is None else [new.A, new.B]
@@ -174,7 +200,7 @@ class Method:
         if name in self.held:
             tensors += [self.held[name].left, self.held[name].right]
         numbers_ = [v for v in stats.values() if isinstance(v, float)]
-        if new is None or not all(_finite(t) for t in tensors) or not all(math.isfinite(v) for v in numbers_):
+        if new is None or not _all_finite(tensors) or not all(math.isfinite(v) for v in numbers_):
             dtype = str(self.dtype).removeprefix("torch.")
             what = "the SVD of the aggregate failed to converge" if new is None else f"the aggregate overflows {dtype}"
             raise UpdateError(f"{self.name}, layer {name!r}: {what} (the clients' factors are too large); check the "
@@ -205,6 +231,11 @@ class Method:
 
     # --- for subclasses -----------------------------------------------------------------------------
 
+    def svd_terms(self, name: str, global_pair: LoraPair, clients: list[LoraPair], weights: list[float],
+                  scaling: float, round: int) -> Terms | None:
+        """The low-rank sum whose SVD ``aggregate_layer`` needs for this layer (None: no SVD, the default)."""
+        return None
+
     def aggregate_layer(
         self,
         name: str,
@@ -213,7 +244,9 @@ class Method:
         weights: list[float],
         scaling: float,
         round: int,
+        svd: ProductSVD | None,
     ) -> tuple[LoraPair, LowRank | None, LayerStats]:
+        """One layer's new adapter, backbone delta (or None) and stats; ``svd`` is the SVD of ``svd_terms``."""
         raise NotImplementedError
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
@@ -244,9 +277,8 @@ class Method:
             if g.A.ndim != 2 or g.B.ndim != 2 or g.A.shape[0] != g.B.shape[1]:
                 raise UpdateError(f"global adapter, layer {name!r}: A {tuple(g.A.shape)} and B {tuple(g.B.shape)} "
                                   "are not the factors of one LoRA layer")
-            for factor, X in (("A", g.A), ("B", g.B)):
-                if not _finite(X):
-                    raise UpdateError(f"global adapter, layer {name!r}: factor {factor} has NaN or Inf values")
+        factors = [(f"global adapter, layer {name!r}", factor, getattr(g, factor))
+                   for name, g in global_lora.items() for factor in ("A", "B")]
         for index, update in enumerate(updates):
             who = f"client {update.client_id or index!r}"
             n = update.num_examples
@@ -278,9 +310,10 @@ class Method:
                     raise UpdateError(f"{where}: rank {A.shape[0]} differs from the global rank {g.rank}, "
                                       f"and {self.name} needs equal ranks (use flora, fedex-lora, flexlora "
                                       f"or fedmomentum for mixed ranks)")
-                for factor, X in (("A", A), ("B", B)):
-                    if not _finite(X):
-                        raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
+                factors += [(where, "A", A), (where, "B", B)]
+        if not _all_finite([X for _, _, X in factors]):  # one pass and one device sync; then find the culprit
+            where, factor = next((where, factor) for where, factor, X in factors if not _all_finite([X]))
+            raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
         """Totals over layers, plus what each client sends and receives (float32 bytes)."""
@@ -312,12 +345,12 @@ class Method:
         })
 
 
-def _finite(X: Tensor) -> bool:
-    """No NaN or ±Inf in ``X`` (min and max propagate NaN: one fast pass, no boolean copy of ``X``)."""
-    if X.numel() == 0:
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """No NaN or ±Inf in any of ``tensors``: their largest ``|x|`` (NaN propagates) in one fused pass, one sync."""
+    tensors = [X for X in tensors if X.numel()]
+    if not tensors:
         return True
-    low, high = torch.aminmax(X)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
 
 
 def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:

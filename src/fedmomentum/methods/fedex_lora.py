@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import compress
+from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank, UpdateError
-from .base import Method, mean, product_sum
+from .base import Method, mean
 
 
 def _pad(pair: LoraPair, rank: int) -> LoraPair:
@@ -39,10 +39,16 @@ class FedExLoRA(Method):
                                       f"exceeds the global rank {global_lora[name].rank}, which {self.name} "
                                       f"cannot average into (use flora, flexlora or fedmomentum)")
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
-        rank = global_pair.rank
-        padded = [_pad(c, rank) for c in clients]
-        new = LoraPair(mean([c.A for c in padded], weights), mean([c.B for c in padded], weights))
-        exact = product_sum(clients, weights, scaling)
-        delta = compress(exact + LowRank(-scaling * new.B, new.A))
-        return new, delta, {"rank": rank}
+    def _average(self, global_pair, clients, weights) -> LoraPair:
+        padded = [_pad(c, global_pair.rank) for c in clients]
+        return LoraPair(mean([c.A for c in padded], weights), mean([c.B for c in padded], weights))
+
+    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+        """``s Σ p_i B_i A_i − s B'A'``: the exact aggregate minus what the averaged adapter carries."""
+        new = self._average(global_pair, clients, weights)
+        return Terms([c.B for c in clients] + [new.B], [c.A for c in clients] + [new.A],
+                     [scaling * w for w in weights] + [-scaling])
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+        new = self._average(global_pair, clients, weights)
+        return new, compress(LowRank(svd.L, svd.R), svd), {"rank": global_pair.rank}

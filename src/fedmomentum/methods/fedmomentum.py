@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, numerical_rank, stack
+from ..linalg import SVD_KINDS, Terms, compress, energy_rank, numerical_rank
 from ..types import LowRank
 from .base import SPLITS, Method, adapter_from_svd
 
@@ -51,14 +51,16 @@ class FedMomentum(Method):
     def exact(self) -> bool:  # type: ignore[override]
         return self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+        return Terms([c.B for c in clients], [c.A for c in clients], weights)  # M = Σ p_i B_i A_i
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         rank, shape = global_pair.rank, global_pair.shape
-        L, R = stack([c.B for c in clients], [c.A for c in clients], weights)  # L @ R = M
-        svd = ProductSVD(L, R, self.svd)
-        S = svd.S
-        alive = min(numerical_rank(S, shape), rank)  # components the adapter takes; its other slots restart
-        nonzero = numerical_rank(S, (len(S),))
-        keep = energy_rank(S, rank, self.residual_energy) if self.merge_residual else alive
+        L, R, S = svd.L, svd.R, svd.S  # L @ R = M, stacked
+        spectrum = svd.S_cpu  # S on the host: ranks and stats without a GPU sync each
+        alive = min(numerical_rank(spectrum, shape), rank)  # components the adapter takes; its other slots restart
+        nonzero = numerical_rank(spectrum, (len(S),))
+        keep = energy_rank(spectrum, rank, self.residual_energy) if self.merge_residual else alive
         whole_tail = self.merge_residual and keep >= nonzero  # the backbone gets all the adapter leaves
         Vh = svd.Vh(alive if whole_tail else keep)
         RV = R @ Vh.mT
@@ -71,8 +73,8 @@ class FedMomentum(Method):
         else:
             residual = (LowRank((scaling * US[:, alive:keep]).contiguous(), Vh[alive:keep].contiguous())
                         if keep > alive else None)
-            residual_rank, dropped = keep - alive, float((S[keep:].double() ** 2).sum())
-        energy = float((S.double() ** 2).sum())
+            residual_rank, dropped = keep - alive, float((spectrum[keep:].double() ** 2).sum())
+        energy = float((spectrum.double() ** 2).sum())
         stats = {
             "rank": rank,
             "residual_rank": residual_rank,

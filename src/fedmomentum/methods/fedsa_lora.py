@@ -21,6 +21,6 @@ class FedSALoRA(Method):
     exact = False
     local = ("B",)
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         new = LoraPair(mean([c.A for c in clients], weights), mean([c.B for c in clients], weights))
         return new, None, {"rank": new.rank, "noise_norm": fedit_noise(clients, weights, new, scaling)}

@@ -15,6 +15,6 @@ class FFALoRA(Method):
     def trainable(self, round):
         return {"A": False, "B": True}
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
         return new, None, {"rank": new.rank}

@@ -5,17 +5,20 @@ Exact, but the adapter restarts every round (``B' = 0``, new random ``A'``): no 
 
 from __future__ import annotations
 
-from ..linalg import compress
-from ..types import LoraPair
-from .base import Method, product_sum
+from ..linalg import Terms, compress
+from ..types import LoraPair, LowRank
+from .base import Method
 
 
 class FLoRA(Method):
     name = "flora"
     mixed_ranks = True
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
-        delta = compress(product_sum(clients, weights, scaling))
+    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+        return Terms([c.B for c in clients], [c.A for c in clients], [scaling * w for w in weights])
+
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+        delta = compress(LowRank(svd.L, svd.R), svd)  # s·Σ p_i B_i A_i
         rank, (out_features, in_features) = global_pair.rank, global_pair.shape
         new = LoraPair(self.fresh_A(name, rank, in_features, round).to(delta.left.device),
                        delta.left.new_zeros(out_features, rank))

@@ -73,7 +73,7 @@ class FRLoRA(Method):
                  "residual_rank": sum(d.rank for d in backbone.values()), "layers": layers}
         return Aggregate(lora, backbone, stats)  # type: ignore[arg-type]
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         init = global_pair  # (A₀, B₀): every client started from it, and the adapter goes back to it
         back = LowRank(-scaling * init.B, init.A)
         stats = {"rank": init.rank}

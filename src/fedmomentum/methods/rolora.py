@@ -15,7 +15,7 @@ class RoLoRA(Method):
     def trainable(self, round):
         return {"A": round % 2 == 1, "B": round % 2 == 0}
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
         if self.trainable(round)["B"]:
             new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
         else:
