@@ -1,4 +1,4 @@
-"""``fedmomentum run | compare | methods``: the command line over the simulation."""
+"""``fedmomentum run | compare | study | methods``: the command line over the simulation."""
 
 from __future__ import annotations
 
@@ -151,6 +151,42 @@ def compare(
     report.plot_compare(curves, root / "compare.png")
     typer.echo(table)
     typer.echo(f"\nwrote {root / 'compare.md'}, {root / 'compare.csv'}, {root / 'compare.png'}")
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Study file (TOML or YAML): [base], [grid], "
+                                                                "[[cell]], baseline, target_loss.")],
+    out: Annotated[Path, typer.Option(help="Study folder: runs/<cell>/seed-<k>, study.md, study.csv, plots.")] = (
+        Path("runs/study")),
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print every round of every run.")] = False,
+) -> None:
+    """Run a grid of runs over seeds (finished runs are kept, interrupted ones resume); compare against a baseline."""
+    import time
+
+    from . import study as study_io
+
+    try:
+        spec = study_io.load(config)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        typer.echo(line)
+        with (out / "study.log").open("a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    started = time.perf_counter()
+    log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
+    results = study_io.execute(spec, out, log=log, verbose=verbose)
+    written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
+    typer.echo((out / "study.md").read_text())
+    log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote {', '.join(p.name for p in written)}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        typer.secho(f"{len(failed)} run(s) failed (see study.md)", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("methods")

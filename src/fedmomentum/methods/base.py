@@ -29,6 +29,7 @@ class Method:
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
+    backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
     def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0):
         if weighting not in ("examples", "uniform"):
@@ -155,16 +156,17 @@ class Method:
                         raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
-        """Totals over layers, plus what each client sends and receives (float32 bytes)."""
+        """Totals over layers, plus what each client sends and receives (float32 factors; backbone deltas at
+        ``backbone_wire_bytes`` a value)."""
         trained = self.trainable(round)
         uplink = {
             (u.client_id or str(i)): WIRE_BYTES * sum(
                 p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in u.factors.values())
             for i, u in enumerate(updates)
         }
-        downlink = WIRE_BYTES * (
-            sum(p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in lora.values())
-            + sum(d.left.numel() + d.right.numel() for d in backbone.values())
+        downlink = (
+            WIRE_BYTES * sum(p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in lora.values())
+            + self.backbone_wire_bytes * sum(d.left.numel() + d.right.numel() for d in backbone.values())
         )
         noises = [s["noise_norm"] for s in per_layer.values() if s.get("noise_norm") is not None]
         energy = sum(s.get("energy", 0.0) for s in per_layer.values())
