@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def round_line(record: dict) -> str:
@@ -100,10 +101,15 @@ def _bar_panel(axis, labels: list[str], means: list[float | None], errors: list[
     axis.set_title(title, fontsize=10)
     if zero_line:
         axis.axhline(0, color="black", linewidth=0.8)
+    else:
+        axis.set_ylim(bottom=0, top=max(axis.get_ylim()[1], 1e-3))
     axis.grid(axis="y", alpha=0.3)
 
 
 def _finish(figure, path: str | Path) -> None:
+    for axis in figure.axes:
+        if axis.get_xlabel() == "round":
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -201,7 +201,7 @@ def load(path: str | Path) -> Study:
     keys = {key for _, values, _ in drafts for key in _flat(values)}
     varying = {key for key in keys if len({repr(_flat(v).get(key)) for _, v, _ in drafts}) > 1}
     cells = [Cell(" ".join(filter(None, [str(name), _label(chosen, varying)])) if name is not None
-                  else _label(values, varying) or "base", values) for name, values, chosen in drafts]
+                  else _label(values, varying) or "default", values) for name, values, chosen in drafts]
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):
         twice = sorted({x for x in labels if labels.count(x) > 1})
