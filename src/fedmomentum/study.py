@@ -185,7 +185,20 @@ def load(path: str | Path) -> Study:
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         raise StudyError(f"{path}: [grid] seed: must be distinct integers, got {seeds!r}")
 
-    tables = spec.get("cell", [{}])
+    cells = _cells(spec.get("cell", [{}]), axes, path)
+    study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds), cells[0],
+                  _target(spec.get("target_loss"), path))
+    for cell in cells:  # every run must be a valid config: the error names the cell (and the config key)
+        try:
+            study.config(cell, seeds[0]).validate()
+        except (ValueError, TypeError) as error:
+            raise StudyError(f"{path}: cell {cell.label!r}: {error}") from None
+    study.baseline = _baseline(spec.get("baseline"), study)
+    return study
+
+
+def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:
+    """Every ``[[cell]]`` table crossed with the grid's axes, labelled by what tells the cells apart."""
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
         raise StudyError(f"{path}: cell must be a list of tables ([[cell]] in TOML)")
     drafts = []  # (name, values, grid values) of every cell
@@ -206,19 +219,9 @@ def load(path: str | Path) -> Study:
     if len(set(labels)) != len(labels):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         raise StudyError(f"{path}: cells {twice} share a label; give [[cell]] tables distinct names")
-    folders = [c.folder for c in cells]
-    if len(set(folders)) != len(folders):
+    if len({c.folder for c in cells}) != len(cells):
         raise StudyError(f"{path}: two cells would share a run folder; give [[cell]] tables distinct names")
-
-    study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds), cells[0],
-                  _target(spec.get("target_loss"), path))
-    for cell in cells:  # every run must be a valid config: the error names the cell (and the config key)
-        try:
-            study.config(cell, seeds[0]).validate()
-        except (ValueError, TypeError) as error:
-            raise StudyError(f"{path}: cell {cell.label!r}: {error}") from None
-    study.baseline = _baseline(spec.get("baseline"), study)
-    return study
+    return cells
 
 
 def _target(value, path: Path) -> float | None:
