@@ -1,20 +1,43 @@
-"""The command line: help, config files with overrides, clear errors, run / resume / compare on a local model."""
+"""The command line, through the real command: help, typed config, one-line errors, no run overwritten, resume."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
+from fedmomentum import checkpoint, driver
 from fedmomentum import config as config_io
 from fedmomentum.cli import app
 
 runner = CliRunner()
 
-SMALL = ["--rounds", "1", "--clients", "2", "--clients-per-round", "2", "--local-steps", "1",
-         "--set", "families=[basic_arithmetic]", "--set", "train_per_family=6", "--set", "eval_per_family=2",
-         "--set", "max_length=48", "--set", "batch_size=2", "--set", "accuracy_per_family=0", "--set", "lora_r=2"]
+# A run of a few seconds on the tiny random Llama; clients_per_round is left to follow clients (2).
+SMALL = ["--model", "tiny", "--rounds", "1", "--clients", "2", "--local-steps", "1",
+         "--set", "families=basic_arithmetic", "--set", "train_per_family=4", "--set", "eval_per_family=2",
+         "--set", "max_length=48", "--set", "batch_size=2", "--set", "accuracy_per_family=1",
+         "--set", "max_new_tokens=2", "--set", "lora_r=2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    """The command failed with exit status 2 and said so in one line (the last on stderr), naming every fragment,
+    with no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines and lines[-1].startswith("error: "), result.output
+    error_lines = [line for line in lines if line.startswith("error: ") or "Traceback" in line]
+    assert len(error_lines) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -26,73 +49,306 @@ def model_dir(tmp_path_factory, tiny_model):
     return folder
 
 
+# --- help ----------------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["methods"]])
-def test_every_command_has_help(command):
-    result = runner.invoke(app, command + ["--help"])
+def test_every_command_has_plain_help(command):
+    result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+    for markup in ("``", "[bold", "[/", "╭", "│"):
+        assert markup not in result.output, markup
+
+
+def test_run_help_documents_the_tiny_model_and_overwrite():
+    output = invoke("run", "--help").output
+    assert "'tiny'" in output and "--overwrite" in output and "--resume" in output
 
 
 def test_methods_lists_every_method():
-    result = runner.invoke(app, ["methods"])
+    result = invoke("methods")
     assert result.exit_code == 0
     for name in ("fedit", "ffa-lora", "rolora", "flora", "fedex-lora", "flexlora", "fedmomentum"):
         assert name in result.output
     assert "residual_energy" in result.output
 
 
-def test_config_file_with_a_typo_names_the_key(tmp_path):
-    path = tmp_path / "run.toml"
-    path.write_text('method = "fedmomentum"\nrounds = 2\nlocal_step = 3\n')
-    with pytest.raises(ValueError, match=r"'local_step' \(did you mean 'local_steps'\?\)"):
-        config_io.load(path)
-    result = runner.invoke(app, ["run", "--config", str(path)])
-    assert result.exit_code == 2 and "local_step" in result.output
+# --- typed config --------------------------------------------------------------------------------------------
 
 
-def test_yaml_config_and_cli_override(tmp_path):
+def test_values_from_files_and_flags_get_their_types(tmp_path):
+    """YAML 1.1 reads 5e-4 as text, TOML keeps "2" text, --set gives text: all reach the run as numbers, booleans
+    and lists; --set families=basic_arithmetic is one family, not its characters."""
     path = tmp_path / "run.yaml"
-    path.write_text("method: flora\nrounds: 7\nmethod_options: {}\n")
-    config = config_io.load(path, {"rounds": 3})
-    assert (config.method, config.rounds) == ("flora", 3)
+    path.write_text('weight_decay: 1e-2\nclients: "2"\nmethod_options:\n  merge_residual: "false"\n'
+                    '  residual_energy: 9.9e-1\n')
+    result = invoke("run", "--config", path, *SMALL, "--set", "lr=5e-4", "-o", "merge_every=2",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lr"] == 0.0005 and saved["weight_decay"] == 0.01 and saved["clients"] == 2
+    assert saved["families"] == ["basic_arithmetic"] and saved["clients_per_round"] == 2
+    assert saved["method_options"] == {"merge_residual": False, "residual_energy": 0.99, "merge_every": 2}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "fedavg"], "unknown method 'fedavg'"),
-    (["--option", "residual_energi=0.9"], "unknown option(s) residual_energi"),
-    (["--clients", "2", "--clients-per-round", "5"], "clients_per_round"),
-    (["--model", "/no/such/folder"], "/no/such/folder"),
+def test_toml_strings_are_converted(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('clients = "3"\nlr = "1e-3"\nbf16 = "no"\ntarget_modules = "q_proj, v_proj"\n'
+                    '[method_options]\nmerge_residual = "false"\nmerge_every = "2"\n')
+    config = config_io.load(path)
+    assert (config.clients, config.lr, config.bf16, config.target_modules) == (3, 0.001, False, ["q_proj", "v_proj"])
+    assert config.method_options == {"merge_residual": False, "merge_every": 2}
+    assert config.clients_per_round == 3  # follows clients (default 4, at most every client)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--set", "rounds=abc"], ["rounds", "'abc'", "an integer"]),
+    (["--set", "rounds=2.5"], ["rounds", "'2.5'", "an integer"]),
+    (["--set", "lr=fast"], ["lr", "'fast'", "a finite number"]),
+    (["--set", "lr=nan"], ["lr", "'nan'", "a finite number"]),
+    (["--set", "rslora=perhaps"], ["rslora", "'perhaps'", "true or false"]),
+    (["--set", "method_options=[1, 2]"], ["method_options", "a mapping"]),
+    (["-o", "residual_energy=abc"], ["residual_energy", "'abc'", "a finite number"]),
+    (["-o", "merge_residual=maybe"], ["merge_residual", "'maybe'", "true or false"]),
+    (["-o", "merge_every=1.5"], ["merge_every", "'1.5'", "an integer"]),
+    (["--rounds", "abc"], ["--rounds", "'abc'", "integer"]),
+    (["--bogus"], ["--bogus"]),
+    (["--set", "lr"], ["--set expects key=value"]),
+    (["--method", "fedavg"], ["unknown method 'fedavg'"]),
+    (["-o", "residual_energi=0.9"], ["unknown option(s) residual_energi"]),
+    (["--set", "local_step=3"], ["'local_step' (did you mean 'local_steps'?)"]),
+    (["--clients", "2", "--clients-per-round", "5"], ["clients_per_round"]),
+    (["--set", "eval_per_family=0"], ["eval_per_family"]),
+    (["--set", "lr=-1"], ["lr must be > 0"]),
+    (["--model", "/no/such/folder"], ["/no/such/folder"]),
 ])
-def test_bad_input_is_a_clear_error(args, message, tmp_path):
-    result = runner.invoke(app, ["run", "--out", str(tmp_path / "x"), *SMALL, *args])
-    assert result.exit_code != 0
-    assert message in result.output
+def test_bad_input_is_one_line(args, fragments, tmp_path):
+    one_line_error(invoke("run", *SMALL, "--out", tmp_path / "x", *args), *fragments)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_bad_values_in_a_config_file_are_one_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('clients = "two"\n')
+    one_line_error(invoke("run", "--config", path), "clients", "'two'", "an integer")
+    path.write_text("rounds = [\n")
+    one_line_error(invoke("run", "--config", path), "cannot parse config file")
+    one_line_error(invoke("run", "--config", tmp_path / "missing.toml"), "config file not found")
+
+
+def test_clients_per_round_follows_clients(tmp_path):
+    """--clients 3 alone used to fail (the per-round default was 4); now 3 of 3 train, a given value is kept."""
+    assert config_io.load(None, {"clients": "3"}).clients_per_round == 3
+    assert config_io.load(None, {"clients": "16"}).clients_per_round == 4
+    assert config_io.load(None, {"clients": 3, "clients_per_round": 2}).clients_per_round == 2
+    assert config_io.RunConfig().replace(clients=2).clients_per_round == 2
+    assert config_io.RunConfig(clients=8, clients_per_round=3).replace(clients=6).clients_per_round == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_one_line(tmp_path):
+    one_line_error(invoke("run", *SMALL, "--device", "cuda", "--out", tmp_path / "x"), "'cuda'", "no CUDA device")
+    one_line_error(invoke("run", *SMALL, "--device", "gpu", "--out", tmp_path / "x"), "cpu, cuda or cuda:N")
+
+
+def test_a_model_folder_without_weights_is_one_line(tmp_path, model_dir):
+    folder = tmp_path / "no-weights"
+    shutil.copytree(model_dir, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    one_line_error(invoke("run", *SMALL, "--model", folder, "--out", tmp_path / "x"), str(folder))
+
+
+def test_out_naming_a_file_or_a_path_through_one_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    one_line_error(invoke("run", *SMALL, "--out", tmp_path / "file"), "is a file")
+    one_line_error(invoke("run", *SMALL, "--out", tmp_path / "file" / "run"), str(tmp_path / "file"))
+
+
+def test_a_non_finite_gradient_is_one_line(tmp_path):
+    line = one_line_error(invoke("run", *SMALL, "--local-steps", "3", "--set", "lr=1e30", "--out", tmp_path / "x"))
+    assert "not finite" in line and "lower lr" in line
+
+
+def test_a_full_disk_names_the_file_and_resume_continues(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    save_file, calls = checkpoint.save_file, []
+
+    def disk_full_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_file", disk_full_in_round_2)
+        line = one_line_error(invoke("run", *SMALL, "--rounds", "2", "--out", out))
+    assert str(out / "checkpoint.safetensors") in line and "disk is full" in line
+    assert f"fedmomentum run --resume {out}" in line
+    assert checkpoint.load(out / driver.CHECKPOINT).round == 1
+    result = invoke("run", "--resume", out)  # the disk has room again: round 2 is trained again, round 1 is kept
+    assert result.exit_code == 0, result.output
+    assert "resuming after round 1" in result.output
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_an_unwritable_export_names_the_folder(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # no file name, as a failing write() gives
+
+    monkeypatch.setattr(driver, "export_adapter", refuse)
+    line = one_line_error(invoke("run", *SMALL, "--out", tmp_path / "run"))
+    assert str(tmp_path / "run" / "adapter") in line and "Permission denied" in line
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / ".exports.tmp").exists()
+
+
+def test_a_bug_is_a_short_traceback_without_locals(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        # a local variable that must not be printed
+        secret = "a training example"  # noqa: F841
+        raise KeyError("oops")
+
+    monkeypatch.setattr(driver, "evaluate", broken)
+    result = invoke("run", *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "internal error" in result.output and "KeyError" in result.output
+    assert "a training example" not in result.output and len(result.output.splitlines()) < 40
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "evaluate", interrupt)
+    result = invoke("run", *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"interrupted; continue with `fedmomentum run --resume {tmp_path / 'run'}`"
+
+
+# --- no run is overwritten -----------------------------------------------------------------------------------
+
+
+def test_a_run_folder_is_never_overwritten_without_asking(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    one_line_error(invoke("run", *SMALL, "--out", out), str(out), "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    (out / "merged").mkdir()  # an export of the old run: --overwrite clears the folder whole
+    (out / "merged" / "stale.txt").write_text("old")
+    result = invoke("run", *SMALL, "--out", out, "--overwrite", "--method", "fedit")
+    assert result.exit_code == 0, result.output
+    assert not (out / "merged").exists() and not (out / "base").exists()  # fedit changes no backbone
+    assert json.loads((out / "config.json").read_text())["method"] == "fedit"
+
+    one_line_error(invoke("run", *SMALL, "--out", out, "--resume", out, "--overwrite"), "one of them")
+
+
+def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    one_line_error(invoke("run", *SMALL, "--out", tmp_path, "--overwrite"), "holds files but no run")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_stopped_before_its_first_round_resumes_from_scratch(tmp_path):
+    out = tmp_path / "run"
+    one_line_error(invoke("run", *SMALL, "--local-steps", "3", "--set", "lr=1e30", "--out", out))
+    assert (out / "config.json").is_file() and not (out / driver.CHECKPOINT).exists()
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "lr": 0.001}))  # the user fixes the setting
+    result = invoke("run", "--resume", out)
+    assert result.exit_code == 0, result.output
+    assert [row["round"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1]
+
+
+# --- resume --------------------------------------------------------------------------------------------------
+
+
+def test_resume_takes_only_what_may_change_and_says_what_differs(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    first = checkpoint.load(out / driver.CHECKPOINT).info["seconds"]
+
+    other = tmp_path / "other.toml"
+    other.write_text("lr = 0.01\nseed = 3\nrounds = 2\n")
+    one_line_error(invoke("run", "--resume", out, "--config", other), "lr (0.001 → 0.01)", "seed (0 → 3)")
+    one_line_error(invoke("run", "--resume", out, "--clients", "3"), "clients (2 → 3)")
+    one_line_error(invoke("run", "--resume", out, "--out", tmp_path / "elsewhere"), "different folders")
+
+    same = tmp_path / "same.toml"  # a file that agrees with the run: its rounds are taken
+    same.write_text('rounds = 2\nclients = "2"\nfamilies = ["basic_arithmetic"]\n')
+    result = invoke("run", "--resume", out, "--config", same)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == json.loads((out / "config.json").read_text())["rounds"] == 2
+    assert summary["seconds"] > first  # the whole run, not only the resumed part
+
+    one_line_error(invoke("run", "--resume", out, "--rounds", "1"), "done 2 rounds", "at least 2")
+    assert json.loads((out / "config.json").read_text())["rounds"] == 2
+
+    edited = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**edited, "seed": 5}))
+    one_line_error(invoke("run", "--resume", out, "--rounds", "3"), "seed (0 → 5)")
+    one_line_error(invoke("run", "--resume", tmp_path / "nothing"), "nothing to resume")
+
+
+def test_resume_replaces_the_exports_whole(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("run", *SMALL, "--out", out, "--export-merged", "--method", "flora").exit_code == 0
+    assert (out / "merged").is_dir() and (out / "base").is_dir()
+    result = invoke("run", "--resume", out, "--rounds", "2", "--set", "export_merged=false")
+    assert result.exit_code == 0, result.output
+    assert not (out / "merged").exists()  # no merged model of round 1 beside the round-2 adapter
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# --- compare -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("methods, fragment", [("", "names no method"), (" , ", "names no method"),
+                                               ("fedit,fedit", "twice"), ("fedit,fedavg", "unknown method")])
+def test_compare_refuses_bad_method_lists(methods, fragment, tmp_path):
+    one_line_error(invoke("compare", "--methods", methods, "--out", tmp_path / "cmp", *SMALL), fragment)
 
 
 def test_run_resume_and_compare_on_a_local_model(model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--model", str(model_dir), "--out", str(out), *SMALL])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 1 and summary["final_eval_loss"] is not None
-
-    result = runner.invoke(app, ["run", "--resume", str(out), "--rounds", "2"])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["round"] for row in rows] == [0, 1, 2]
-
+    small = list(SMALL)
+    small[small.index("--model") + 1] = str(model_dir)
     root = tmp_path / "cmp"
-    result = runner.invoke(app, ["compare", "--methods", "fedit,fedmomentum", "--model", str(model_dir),
-                                 "--out", str(root), "--target-loss", "100", *SMALL])
+    result = invoke("compare", "--methods", "fedit,fedmomentum", "--out", root, "--target-loss", "100", *small)
     assert result.exit_code == 0, result.output
     assert "| fedit |" in result.output and "| fedmomentum |" in result.output
     assert (root / "compare.png").stat().st_size > 1000
     assert (root / "compare.csv").read_text().startswith("method,")
 
-    # --resume keeps finished methods and runs only what is missing
+    # a second compare into the same folder is refused up front, before any method runs
     before = (root / "fedit" / "metrics.jsonl").read_text()
-    result = runner.invoke(app, ["compare", "--methods", "fedit,flora", "--model", str(model_dir),
-                                 "--out", str(root), "--resume", *SMALL])
+    one_line_error(invoke("compare", "--methods", "flora,fedit", "--out", root, *small), "--resume")
+    assert not (root / "flora").exists()
+
+    # --resume keeps finished methods and runs only what is missing
+    result = invoke("compare", "--methods", "fedit,flora", "--out", root, "--resume", *small)
     assert result.exit_code == 0, result.output
     assert (root / "fedit" / "metrics.jsonl").read_text() == before
     assert "| flora |" in result.output and (root / "flora" / "summary.json").is_file()
+
+    # ... but not with other settings
+    one_line_error(invoke("compare", "--methods", "fedit", "--out", root, "--resume", *small, "--seed", "4"),
+                   "seed (0 → 4)")
+
+
+def test_the_installed_command_prints_one_line(tmp_path):
+    """The console script itself (a subprocess): a bad value is one line on stderr and exit status 2."""
+    import subprocess
+    import sys
+
+    script = shutil.which("fedmomentum", path=os.path.dirname(sys.executable))
+    result = subprocess.run([script, "run", "--set", "lr=abc", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: config key lr = 'abc': expected a finite number"

@@ -100,7 +100,7 @@ def test_method_options_in_the_grid(tmp_path, grid, labels, options):
     ('target_loss = "low"\n[base]\n', "target_loss must be a number"),
     ('[base]\n[[cell]]\nname = "a"\nseed = 1\n', "cell 'a': key 'seed' is not a RunConfig key a cell may set"),
     ('[base]\n[[cell]]\nname = "a"\n[[cell]]\nname = "a"\n', "cells ['a'] share a label"),
-    ('[base\n', "cannot parse study file"),
+    ('[base\n', "cannot parse config file"),
 ])
 def test_study_file_errors_name_the_file_and_the_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -113,7 +113,7 @@ def test_study_file_errors_name_the_file_and_the_key(tmp_path, text, message):
 
 def test_missing_study_file_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["study", "--config", str(tmp_path / "none.toml")])
-    assert result.exit_code == 2 and "study file not found" in result.output
+    assert result.exit_code == 2 and "config file not found" in result.output
 
 
 def test_interval_is_a_t_interval():
@@ -237,4 +237,4 @@ def test_a_folder_holding_another_config_is_not_mixed_in(tmp_path):
     study_io.execute(study_io.load(write(tmp_path, text)), out, log=lambda _: None)
     changed = study_io.load(write(tmp_path, text.replace("[grid]", "weight_decay = 0.01\n[grid]")))
     results = study_io.execute(changed, out, log=lambda _: None)
-    assert results[0].error is not None and "different config" in results[0].error
+    assert "holds a run with other settings: weight_decay (0.0 → 0.01)" in (results[0].error or "")

@@ -308,3 +308,116 @@ def test_inputs_are_left_untouched(name, dtype):
             delta.right.add_(1.0)
     for old, new in zip(tensors(before), tensors((global_lora, updates)), strict=True):
         assert torch.equal(old, new)
+
+
+# --- what the Python API refuses: scaling, the global adapter, overflow, option types ---------------------------
+
+
+@pytest.mark.parametrize("name", fm.methods.names())
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), 0.0, -1.0, True, "2.0", None])
+def test_bad_scaling_is_refused(name, scaling):
+    global_lora, updates = good_round()
+    with pytest.raises(fm.UpdateError, match="scaling"):
+        fm.methods.create(name).aggregate(global_lora, updates, scaling=scaling)
+
+
+@pytest.mark.parametrize("name", fm.methods.names())
+@pytest.mark.parametrize("round", [-1, 1.5, "0", True])
+def test_bad_round_is_refused(name, round):
+    global_lora, updates = good_round()
+    with pytest.raises(fm.UpdateError, match="round"):
+        fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING, round=round)
+
+
+@pytest.mark.parametrize("name", fm.methods.names())
+@pytest.mark.parametrize("bad", ["nan_A", "inf_B", "shapes", "not_a_pair"])
+def test_a_bad_global_adapter_is_refused(name, bad):
+    global_lora, updates = good_round()
+    pair = global_lora[O]
+    if bad == "nan_A":
+        A = pair.A.clone()
+        A[0, 0] = float("nan")
+        global_lora[O] = fm.LoraPair(A, pair.B)
+    elif bad == "inf_B":
+        B = pair.B.clone()
+        B[1, 1] = float("inf")
+        global_lora[O] = fm.LoraPair(pair.A, B)
+    elif bad == "shapes":
+        global_lora[O] = fm.LoraPair(pair.A, pair.B[:, :2])
+    else:
+        global_lora[O] = (pair.A, pair.B)
+    with pytest.raises(fm.UpdateError, match=r"global adapter, layer .*o_proj"):
+        fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING)
+
+
+def huge_round(factor=1e20):
+    """Finite client factors whose products (≈1e40) overflow float32."""
+    global_lora, updates = good_round()
+    for u in updates:
+        for layer, pair in u.factors.items():
+            u.factors[layer] = fm.LoraPair(pair.A * factor, pair.B * factor)
+    return global_lora, updates
+
+
+@pytest.mark.parametrize("name", ["fedit", "flora", "fedex-lora", "flexlora", "fedmomentum"])
+def test_an_aggregate_that_overflows_float32_is_refused(name):
+    """FedIT used to return an infinite noise silently and the SVD methods raised torch's _LinAlgError."""
+    global_lora, updates = huge_round()
+    with pytest.raises(fm.UpdateError, match=r"layer .*(overflows float32|SVD).*float64") as error:
+        fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING)
+    assert isinstance(error.value, ValueError)
+    # in float64 the same input is fine: the refusal is about overflow, not about large values
+    agg = fm.methods.create(name, dtype="float64").aggregate(global_lora, updates, scaling=SCALING)
+    tensors = [t for p in agg.lora.values() for t in (p.A, p.B)]
+    tensors += [t for d in agg.backbone.values() for t in (d.left, d.right)]
+    assert all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["ffa-lora", "rolora"])
+def test_averaging_one_factor_of_large_values_is_still_finite(name):
+    global_lora, updates = huge_round()
+    for u in updates:  # these methods train one factor; the other is the broadcast one
+        for layer, pair in u.factors.items():
+            u.factors[layer] = fm.LoraPair(global_lora[layer].A.clone(), pair.B)
+    agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING)
+    assert all(bool(torch.isfinite(p.B).all()) and p.B.abs().max() > 1e18 for p in agg.lora.values())
+
+
+@pytest.mark.parametrize("options, key", [
+    (dict(merge_residual="no"), "merge_residual"), (dict(merge_residual=0), "merge_residual"),
+    (dict(residual_energy="0.9"), "residual_energy"), (dict(residual_energy=float("nan")), "residual_energy"),
+    (dict(merge_every=True), "merge_every"), (dict(merge_every="2"), "merge_every"),
+    (dict(seed="1"), "seed"), (dict(seed=1.0), "seed"), (dict(weighting=1), "weighting"),
+    (dict(split=["left"]), "split"), (dict(dtype=None), "dtype"),
+])
+def test_options_of_the_wrong_type_are_refused(options, key):
+    with pytest.raises(ValueError, match=key):
+        fm.methods.create("fedmomentum", **options)
+
+
+@pytest.mark.parametrize("options, key", [(dict(merge_residual="no"), "merge_residual"),
+                                          (dict(residual_energy="0.9"), "residual_energy"),
+                                          (dict(seed="1"), "seed")])
+def test_the_method_class_refuses_wrong_types_too(options, key):
+    from fedmomentum.methods import FedMomentum
+
+    with pytest.raises(ValueError, match=key):
+        FedMomentum(**options)
+
+
+def test_options_of_the_right_type_are_kept():
+    method = fm.methods.create("fedmomentum", residual_energy=1, merge_residual=False, merge_every=np.int64(2),
+                               seed=3, dtype="float64")
+    assert (method.residual_energy, method.merge_residual, method.merge_every, method.seed) == (1, False, 2, 3)
+
+
+def test_text_options_are_converted_by_their_declared_type():
+    parsed = fm.methods.parse_options("fedmomentum", {"residual_energy": "9.9e-1", "merge_residual": "false",
+                                                      "merge_every": "2", "split": "left", "seed": 4})
+    assert parsed == {"residual_energy": 0.99, "merge_residual": False, "merge_every": 2, "split": "left",
+                      "seed": 4}
+    fm.methods.create("fedmomentum", **parsed)
+    with pytest.raises(ValueError, match=r"fedmomentum option residual_energy = 'abc': expected a finite number"):
+        fm.methods.parse_options("fedmomentum", {"residual_energy": "abc"})
+    assert fm.methods.option_types("flexlora") == {"split": str, "svd": str, "weighting": str, "dtype": str,
+                                                   "seed": int}

@@ -12,7 +12,18 @@ from peft import PeftModel
 
 from . import methods
 from .config import RunConfig
-from .data import Example, by_family, encode, load_gsm8k_test, load_jsonl, make_tasks, partition
+from .data import (
+    Example,
+    by_family,
+    client_sources,
+    data_sources,
+    encode,
+    load_examples,
+    load_gsm8k_test,
+    make_tasks,
+    partition,
+    split_held_out,
+)
 from .models import load_model
 from .peft_io import add_lora, scaling
 
@@ -39,13 +50,46 @@ def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel
     return model, tokenizer
 
 
+def _split(config: RunConfig, examples: list[Example], name: str) -> tuple[list[Example], list[Example]]:
+    """A data file's training examples and its seeded held-out slice (``eval_fraction``, ≤ ``eval_per_family``)."""
+    return split_held_out(examples, config.eval_fraction, config.eval_per_family, config.seed, name)
+
+
 def client_examples(config: RunConfig) -> tuple[list[list[Example]], dict[str, list[Example]]]:
-    """The seeded training partition (one list per client) and the held-out examples per family."""
-    train, held_out = make_tasks(config.families, config.train_per_family, config.eval_per_family, config.seed)
-    for path in config.jsonl:
-        train += load_jsonl(path)
-    parts = partition(train, config.clients, config.partition, alpha=config.alpha, seed=config.seed)
+    """The seeded training partition (one list per client) and the held-out examples per family.
+
+    The reasoning-gym families and the ``jsonl`` / ``data`` files are pooled and split across the clients by
+    ``config.partition``; with ``client_data``, client ``i`` also holds the ``i``-th file of that folder (by
+    name). Every file keeps a seeded held-out slice for evaluation, reported under its family (by default the
+    file's name).
+    """
+    fmt = config.data_format or None
+    train, held_out = (make_tasks(config.families, config.train_per_family, config.eval_per_family, config.seed)
+                       if config.families else ([], []))
+    for source in [s for path in [*config.jsonl, *config.data] for s in data_sources(path)]:
+        kept, held = _split(config, load_examples(source, fmt), source.name)
+        train += kept
+        held_out += held
+    own = client_sources(config.client_data) if config.client_data else {}
+    if own and len(own) != config.clients:
+        raise ValueError(f"client_data {config.client_data} holds {len(own)} clients but clients = {config.clients}")
+    parts = (partition(train, config.clients, config.partition, alpha=config.alpha, seed=config.seed) if train
+             else [[] for _ in range(config.clients)])
+    for part, source in zip(parts, own.values(), strict=False):
+        kept, held = _split(config, load_examples(source, fmt), source.name)
+        part += kept
+        held_out += held
+    if not held_out:
+        raise ValueError("no held-out examples to evaluate on: give task families with eval_per_family ≥ 1, or "
+                         "data files with eval_fraction > 0 (a file needs at least 2 examples to lend one)")
     return parts, by_family(held_out)
+
+
+def client_ids(config: RunConfig) -> list[str]:
+    """Each client's id: its file's name with ``client_data``, else ``client-<index>``."""
+    if config.client_data:
+        return list(client_sources(config.client_data))
+    return [f"client-{index}" for index in range(config.clients)]
 
 
 def encode_all(examples: list[Example], tokenizer, config: RunConfig) -> list[dict]:

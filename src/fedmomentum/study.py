@@ -22,12 +22,9 @@ import json
 import math
 import re
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from . import config as config_io
 from .config import RunConfig
@@ -63,7 +60,7 @@ class Study:
 
     def config(self, cell: Cell, seed: int, out: Path | None = None) -> RunConfig:
         """The run config of ``cell`` at ``seed`` (writing to ``out`` when given)."""
-        values = merge(self.base, {**cell.values, "seed": seed})
+        values = config_io.merge(self.base, {**cell.values, "seed": seed})
         if out is not None:
             values["out"] = str(out)
         return config_io.from_dict(values)
@@ -87,27 +84,6 @@ class StudyError(ValueError):
 
 
 # --- reading the study file ---------------------------------------------------------------------------------------
-
-def merge(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` on top; ``method_options`` tables are merged key by key."""
-    merged = {**base, **changes}
-    if OPTIONS in base or OPTIONS in changes:
-        merged[OPTIONS] = {**(base.get(OPTIONS) or {}), **(changes.get(OPTIONS) or {})}
-    return merged
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"study file not found: {path}")
-    text = path.read_text()
-    try:
-        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise StudyError(f"cannot parse study file {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise StudyError(f"study file {path} must hold a mapping of keys to values")
-    return values
-
 
 def _axes(grid: dict, where: Callable[[str], str]) -> dict[str, list]:
     """The grid's keys and their values; ``method_options.x`` (dotted or nested) becomes a key of its own."""
@@ -163,7 +139,7 @@ def _label(values: dict, varying: set[str]) -> str:
 def load(path: str | Path) -> Study:
     """Read and check a study file; every error names the file and the key."""
     path = Path(path)
-    spec = _read(path)
+    spec = config_io.read(path)
     unknown = [key for key in spec if key not in TOP_KEYS]
     if unknown:
         raise StudyError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; a study has "
@@ -210,7 +186,7 @@ def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:
                              "a cell may set (seed goes in [grid], out is the study's)")
         for choice in itertools.product(*axes.values()):
             chosen = _cell_values(axes, choice)
-            drafts.append((table.get("name"), merge(own, chosen), chosen))
+            drafts.append((table.get("name"), config_io.merge(own, chosen), chosen))
     keys = {key for _, values, _ in drafts for key in _flat(values)}
     varying = {key for key in keys if len({repr(_flat(v).get(key)) for _, v, _ in drafts}) > 1}
     cells = [Cell(" ".join(filter(None, [str(name), _label(chosen, varying)])) if name is not None
@@ -266,25 +242,28 @@ def run_folder(out: Path, cell: Cell, seed: int) -> Path:
 
 
 def state(folder: Path, config: RunConfig) -> str:
-    """``"done"`` (summary for all rounds), ``"partial"`` (a checkpoint to resume) or ``"new"``.
+    """``"done"`` (a summary of all its rounds), ``"partial"`` (to resume: ``driver.run`` continues from the
+    checkpoint, or starts over a run that stopped before its first one) or ``"new"``.
 
-    A folder written by another config is an error rather than silently redone or mixed in.
+    A folder holding a run of other settings is an error rather than silently redone or mixed in.
     """
-    from .driver import CHECKPOINT, comparable
+    from . import rundir
 
-    saved = folder / "config.json"
+    saved = folder / rundir.CONFIG
     if not saved.is_file():
         return "new"
-    try:
-        old = config_io.from_dict({**json.loads(saved.read_text()), "out": str(folder)})
+    try:  # through from_dict, so keys added to RunConfig since the run was written read as their defaults
+        old = config_io.from_dict({**json.loads(saved.read_text(encoding="utf-8")), "out": str(folder)})
     except (ValueError, TypeError) as error:
         raise ValueError(f"{saved} cannot be read ({error}); move the folder away to redo the run") from None
-    if comparable(old) != comparable(config):
-        raise ValueError(f"{folder} holds a run of a different config; move it away or use another --out")
+    changed = config_io.differences(old.to_dict(), config.to_dict())
+    if changed:
+        raise ValueError(f"{folder} holds a run with other settings: {', '.join(changed)}; move it away or use "
+                         "another --out")
     summary = folder / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("rounds") == config.rounds:
+    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("rounds") == config.rounds:
         return "done"
-    return "partial" if (folder / CHECKPOINT).is_file() else "new"
+    return "partial"
 
 
 def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,

@@ -1,20 +1,82 @@
-"""Local training data in files: JSON lines with a prompt and a response."""
+"""Users' own data: examples from files and folders, and federations whose clients are one file each.
+
+``load_examples`` reads a JSON-lines, JSON or Parquet file, a folder saved by ``datasets``' ``save_to_disk``, or
+a folder of those, in any of the forms of ``forms`` (detected per file, or given). ``client_sources`` /
+``load_client_data`` read a naturally partitioned federation: a folder holding one file per client, the file's
+name being the client's id. Every error names the file and the line (or row) and what is wrong.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 
 from .example import Example
+from .forms import FORMATS, detect_format, to_example
+from .readers import SUFFIXES, is_dataset_folder, read_records
 
-__all__ = ["load_jsonl"]
+__all__ = ["client_sources", "data_sources", "load_client_data", "load_examples", "load_jsonl"]
 
-def _answer_from_response(response: str) -> str:
-    if "####" in response:
-        tail = response.rsplit("####", 1)[1].strip()
-        return tail.splitlines()[0].strip() if tail else ""
-    return response.strip()
+
+def _name(source: Path) -> str:
+    """A source's name: a file's name without its suffix, a saved dataset's folder name."""
+    return source.name if source.is_dir() else source.stem
+
+
+def data_sources(path: str | os.PathLike) -> list[Path]:
+    """The data sources ``path`` stands for: itself (a data file or a saved dataset), else the data files and
+    saved datasets in the folder, by name. Hidden files are skipped; anything else in the folder is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data not found: {path}")
+    if path.is_file() or is_dataset_folder(path):
+        return [path]
+    sources, others = [], []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if (child.is_file() and child.suffix.lower() in SUFFIXES) or is_dataset_folder(child):
+            sources.append(child)
+        else:
+            others.append(child.name)
+    if others:
+        raise ValueError(f"{path}: cannot read {', '.join(map(repr, others[:3]))}{' …' if len(others) > 3 else ''}: "
+                         "a data folder holds .jsonl, .json and .parquet files and folders saved by datasets' "
+                         "save_to_disk (move anything else out)")
+    if not sources:
+        raise ValueError(f"{path}: the folder holds no data files")
+    return sources
+
+
+def _load_source(source: Path, format: str | None, family: str | None,
+                 prompt_field: str = "prompt", response_field: str = "response") -> list[Example]:
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}: use one of {', '.join(FORMATS)} (or none to detect it)")
+    default_family = family or _name(source)
+    examples: list[Example] = []
+    for record in read_records(source):
+        if format is None:
+            format = detect_format(record.value, record.where)
+        example = to_example(record.value, format, record.where, default_family,
+                             prompt_field=prompt_field, response_field=response_field)
+        examples.append(example if family is None else dataclasses.replace(example, family=family))
+    if not examples:
+        raise ValueError(f"{source}: no examples (the file is empty)")
+    return examples
+
+
+def load_examples(path: str | os.PathLike, format: str | None = None, family: str | None = None) -> list[Example]:
+    """Examples from a data file, a saved dataset, or a folder of them (file by file, by name).
+
+    ``format`` is one of ``FORMATS`` (``alpaca``, ``chat``, ``prompt-response``); by default each file's form is
+    told from its first record. An example's family is ``family`` when given, else the record's ``family``
+    field, else the file's name without its suffix.
+    """
+    examples: list[Example] = []
+    for source in data_sources(path):
+        examples += _load_source(source, format, family)
+    return examples
 
 
 def load_jsonl(
@@ -23,40 +85,32 @@ def load_jsonl(
     response_field: str = "response",
     family: str | None = None,
 ) -> list[Example]:
-    """Examples from a JSON-lines file: one object per line with a prompt and a response field.
-
-    Optional per-row fields: ``family`` (else the ``family`` argument, else the file's stem) and ``answer``
-    (else the text after the last ``####`` in the response, else the whole response). Blank lines are
-    skipped. Errors name the file and the line.
-    """
+    """Examples from a JSON-lines file of prompt/response records whose fields may have other names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    examples: list[Example] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in (prompt_field, response_field):
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r} (has: {', '.join(row) or 'none'})")
-                if not isinstance(row[field], str):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {field!r} must be a string, got {type(row[field]).__name__}"
-                    )
-            response = row[response_field]
-            fam = family if family is not None else row.get("family", path.stem)
-            answer = row.get("answer")
-            answer = str(answer).strip() if answer is not None else _answer_from_response(response)
-            examples.append(
-                Example(prompt=row[prompt_field], response=response, family=str(fam), answer=answer, entry=None)
-            )
-    if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty)")
-    return examples
+    return _load_source(path, "prompt-response", family, prompt_field, response_field)
+
+
+def client_sources(folder: str | os.PathLike) -> dict[str, Path]:
+    """A naturally partitioned federation: client id (the file's name without its suffix) → its data source,
+    ordered by id. The folder holds one data file (or saved dataset) per client."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"client_data folder not found: {folder}")
+    if is_dataset_folder(folder):
+        raise ValueError(f"client_data {folder} is one saved dataset; give a folder holding one file per client")
+    clients: dict[str, Path] = {}
+    for source in data_sources(folder):
+        name = _name(source)
+        if name in clients:
+            raise ValueError(f"client_data {folder}: two files for client {name!r} "
+                             f"({clients[name].name} and {source.name}); keep one")
+        clients[name] = source
+    return clients
+
+
+def load_client_data(folder: str | os.PathLike, format: str | None = None) -> dict[str, list[Example]]:
+    """Each client's examples (client id → examples, ordered by id), one file per client; an example's family
+    is its record's ``family``, else the client id."""
+    return {name: _load_source(source, format, None) for name, source in client_sources(folder).items()}

@@ -7,8 +7,9 @@ Run config keys (``[tool.flwr.app.config]`` in the app's ``pyproject.toml``, or 
   (``[tool.flwr.app.config.method-options]`` → ``method-options.residual_energy = 0.99``);
 - ``config-file``: a TOML/YAML file of ``RunConfig`` keys, read first (the keys above override it);
 - Flower-only: ``min-clients`` (default 1), ``round-timeout`` (seconds, default 3600), ``node-timeout`` (seconds to
-  wait for the sampled partitions' nodes to connect, default 60) and ``resume`` (continue from the checkpoint
-  in ``out``).
+  wait for the sampled partitions' nodes to connect, default 60), ``resume`` (continue from the checkpoint
+  in ``out``) and ``overwrite`` (delete the run already in ``out`` and start over; without it a new run refuses a
+  folder that holds files).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..config import load as load_config
 from .strategy import LoraStrategy
 
 STRATEGY_KEYS = {"min-clients": ("min_clients", int), "round-timeout": ("round_timeout", float),
-                 "node-timeout": ("node_timeout", float)}
+                 "node-timeout": ("node_timeout", float), "overwrite": ("overwrite", bool)}
 
 
 def _list_field(name: str) -> bool:

@@ -58,13 +58,15 @@ class LoraStrategy(Strategy, driver.Engine):
         Seconds to wait, at the start of a round, for the nodes holding the sampled partitions to connect.
     setup : build.Setup, optional
         A prepared server-side setup (model, method, evaluation data); built from ``config`` when omitted.
+    overwrite : bool
+        Delete the run already in ``config.out`` and start over (a new run refuses a folder that holds files).
     """
 
     name = "flower"
     progress_bar = False  # per-round lines go to Flower's log
 
     def __init__(self, config: RunConfig, *, min_clients: int = 1, round_timeout: float = 3600.0,
-                 node_timeout: float = 60.0, setup: Setup | None = None) -> None:
+                 node_timeout: float = 60.0, setup: Setup | None = None, overwrite: bool = False) -> None:
         config.validate()
         if not config.out:
             config = config.replace(out=f"runs/flower-{config.method}")
@@ -74,6 +76,7 @@ class LoraStrategy(Strategy, driver.Engine):
         self.min_clients = min_clients
         self.round_timeout = float(round_timeout)
         self.setup = setup
+        self.overwrite = overwrite
         self.fingerprint = wire.fingerprint(config)
         self.nodes = Nodes(config.clients, self.fingerprint, float(node_timeout))
         self.backbone_log = BackboneLog()
@@ -148,7 +151,7 @@ class LoraStrategy(Strategy, driver.Engine):
         self.grid = grid
         if self.setup is None:
             self.setup = prepare(self.config)
-        driver.run(self.setup, self, resume=resume)
+        driver.run(self.setup, self, resume=resume, overwrite=self.overwrite)
         result = Result(arrays=wire.lora_to_record(self.global_lora))
         for row in read_metrics(self.config.out):
             if "eval_loss" in row:

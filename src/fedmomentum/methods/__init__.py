@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import typing
 
+import yaml
+
+from ..coerce import check, convert
 from .base import Method
 from .fedex_lora import FedExLoRA
 from .fedit import FedIT
@@ -32,6 +36,29 @@ def options(name: str) -> list[str]:
     return keys
 
 
+def option_types(name: str) -> dict[str, object]:
+    """Each option's declared type (from the ``__init__`` type hints; ``object`` where there is none)."""
+    hints = {**typing.get_type_hints(Method.__init__), **typing.get_type_hints(get(name).__init__)}
+    return {key: hints.get(key, object) for key in options(name)}
+
+
+def parse_options(name: str, opts: dict) -> dict:
+    """Options from a file or the command line converted to their declared types (``"0.99"`` → 0.99,
+    ``"false"`` → False); a value that does not convert is a ``ValueError`` naming the option and the value."""
+    kinds = option_types(name)
+    return {key: _parse(value, kinds[key], f"{name} option {key}") if key in kinds else value
+            for key, value in opts.items()}
+
+
+def _parse(value, kind, what: str):
+    if kind is object and isinstance(value, str):  # an option without a type hint: its text is read as YAML
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return convert(value, kind, what)
+
+
 def get(name: str) -> type[Method]:
     try:
         return _REGISTRY[name]
@@ -46,6 +73,9 @@ def create(name: str, **opts) -> Method:
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {name!r}; "
                          f"it accepts {', '.join(allowed)}")
+    kinds = option_types(name)
+    for key, value in opts.items():
+        check(value, kinds[key], f"{name} option {key}")  # merge_residual="no" is an error, not True
     return get(name)(**opts)
 
 
@@ -57,4 +87,4 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-__all__ = ["Method", "names", "create", "get", "options", "register"]
+__all__ = ["Method", "names", "create", "get", "option_types", "options", "parse_options", "register"]

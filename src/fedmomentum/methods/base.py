@@ -36,6 +36,8 @@ class Method:
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.weighting = weighting
         self.dtype = DTYPES[dtype]
         self.seed = seed
@@ -58,18 +60,45 @@ class Method:
         scaling: float,
         round: int = 0,
     ) -> Aggregate:
-        """Combine the clients' factors into a new global adapter and backbone deltas."""
+        """Combine the clients' factors into a new global adapter and backbone deltas.
+
+        Input that cannot be aggregated (see ``validate``), and a result that overflows the aggregation dtype, raise
+        ``UpdateError`` naming the problem; nothing non-finite is ever returned.
+        """
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling) \
+                or scaling <= 0:
+            raise UpdateError(f"{self.name}: scaling must be a finite number > 0, got {scaling!r}")
+        if isinstance(round, bool) or not isinstance(round, numbers.Integral) or round < 0:
+            raise UpdateError(f"{self.name}: round must be an integer ≥ 0, got {round!r}")
         self.validate(global_lora, updates)
         weights = self.client_weights(updates)
         lora, backbone, per_layer = {}, {}, {}
         for name, pair in global_lora.items():
             clients = [u.factors[name].to(self.dtype) for u in updates]
-            new, delta, stats = self.aggregate_layer(name, pair.to(self.dtype), clients, weights, scaling, round)
+            try:
+                new, delta, stats = self.aggregate_layer(name, pair.to(self.dtype), clients, weights, scaling, round)
+            except torch.linalg.LinAlgError:
+                new, delta, stats = None, None, {}
+            self._check_result(name, new, delta, stats)
             lora[name] = new
             if delta is not None and delta.rank > 0:
                 backbone[name] = delta
             per_layer[name] = stats
         return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, round), dict(self.held))
+
+    def _check_result(self, name: str, new: LoraPair | None, delta: LowRank | None, stats: LayerStats) -> None:
+        """A layer whose aggregate is not finite (or whose SVD failed on it) overflowed the aggregation dtype."""
+        tensors = [] if new is None else [new.A, new.B]
+        tensors += [] if delta is None else [delta.left, delta.right]
+        if name in self.held:
+            tensors += [self.held[name].left, self.held[name].right]
+        numbers_ = [v for v in stats.values() if isinstance(v, float)]
+        if new is None or not all(_finite(t) for t in tensors) or not all(math.isfinite(v) for v in numbers_):
+            dtype = str(self.dtype).removeprefix("torch.")
+            what = "the SVD of the aggregate failed to converge" if new is None else f"the aggregate overflows {dtype}"
+            raise UpdateError(f"{self.name}, layer {name!r}: {what} (the clients' factors are too large); check the "
+                              "clients' training" + (", or aggregate in float64 (dtype='float64')"
+                                                     if dtype != "float64" else ""))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The held deltas as a flat dict of tensors (safetensors-ready); ``{}`` when nothing is held."""
@@ -127,6 +156,15 @@ class Method:
             raise UpdateError(f"{self.name}: no client updates to aggregate")
         if not global_lora:
             raise UpdateError(f"{self.name}: the global adapter has no layers")
+        for name, g in global_lora.items():
+            if not isinstance(g, LoraPair) or not isinstance(g.A, Tensor) or not isinstance(g.B, Tensor):
+                raise UpdateError(f"global adapter, layer {name!r}: expected a LoraPair of tensors")
+            if g.A.ndim != 2 or g.B.ndim != 2 or g.A.shape[0] != g.B.shape[1]:
+                raise UpdateError(f"global adapter, layer {name!r}: A {tuple(g.A.shape)} and B {tuple(g.B.shape)} "
+                                  "are not the factors of one LoRA layer")
+            for factor, X in (("A", g.A), ("B", g.B)):
+                if not _finite(X):
+                    raise UpdateError(f"global adapter, layer {name!r}: factor {factor} has NaN or Inf values")
         for index, update in enumerate(updates):
             who = f"client {update.client_id or index!r}"
             n = update.num_examples

@@ -19,6 +19,8 @@ layer as ``rounding_error``, relative to ``‖s M‖``).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..linalg import SVD_KINDS, ProductSVD, compress, energy_rank, lowrank_norm, numerical_rank, stack
@@ -40,11 +42,15 @@ class FedMomentum(Method):
                  merge_every: int = 1, svd: str = "factored", compress_residual: bool = False,
                  residual_dtype: str = "float32", **common):
         super().__init__(**common)
+        if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):
+            raise ValueError(f"residual_energy must be a number in (0, 1], got {residual_energy!r}")
+        if not isinstance(merge_residual, bool):
+            raise ValueError(f"merge_residual must be true or false, got {merge_residual!r}")
         if not 0.0 < residual_energy <= 1.0:
             raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
+        if isinstance(merge_every, bool) or not isinstance(merge_every, numbers.Integral) or merge_every < 1:
             raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
@@ -53,7 +59,7 @@ class FedMomentum(Method):
         if not isinstance(compress_residual, bool):
             raise ValueError(f"compress_residual must be true or false, got {compress_residual!r}")
         self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
-        self.merge_every, self.svd, self.compress_residual = merge_every, svd, compress_residual
+        self.merge_every, self.svd, self.compress_residual = int(merge_every), svd, compress_residual
         self.residual_dtype = RESIDUAL_DTYPES[residual_dtype]
         self.backbone_wire_bytes = torch.finfo(self.residual_dtype).bits // 8
 
