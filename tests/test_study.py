@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 
 import pytest
 from typer.testing import CliRunner
 
+from fedmomentum import report
 from fedmomentum import study as study_io
 from fedmomentum.cli import app
 
@@ -238,3 +240,29 @@ def test_a_folder_holding_another_config_is_not_mixed_in(tmp_path):
     changed = study_io.load(write(tmp_path, text.replace("[grid]", "weight_decay = 0.01\n[grid]")))
     results = study_io.execute(changed, out, log=lambda _: None)
     assert "holds a run with other settings: weight_decay (0.0 → 0.01)" in (results[0].error or "")
+
+
+def test_a_run_another_live_process_holds_is_skipped(tmp_path):
+    """The same study started twice: a run claimed by a live process is left to it; a dead process's claim is
+    taken over."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    study = study_io.load(write(tmp_path, '[base]\n[grid]\nmethod = ["fedit"]\nseed = [0, 1]\n'))
+    busy, free = (study_io.run_folder(out, study.cells[0], seed) for seed in (0, 1))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    busy.parent.mkdir(parents=True)
+    busy.with_name("seed-0.lock").write_text(str(os.getppid()))  # our parent: alive while we run
+    free.with_name("seed-1.lock").write_text(dead.stdout.strip())  # a process that has exited
+    lines = []
+    results = study_io.execute(study, out, log=lines.append)
+    assert [r.seed for r in results] == [1] and results[0].redone and results[0].error is None
+    assert any("seed 0: running in another process, skipped" in line for line in lines)
+    assert not busy.exists() and busy.with_name("seed-0.lock").is_file()  # left alone
+    assert not free.with_name("seed-1.lock").exists()  # released after the run
+    assert not study_io.claim(busy) and study_io.claim(free)
+    study_io.release(free)
+    summaries = study_io.summarize(study, results)
+    assert "Not finished yet (running in another process): default seed 0." in report.study_markdown(
+        study, summaries, [])

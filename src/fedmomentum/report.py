@@ -345,6 +345,10 @@ def study_markdown(study, summaries: list, plots: list[str], wall_seconds: float
     failures = [(s.cell.label, seed, error) for s in summaries for seed, error in s.failed.items()]
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- {label} seed {seed}: {error}" for label, seed, error in failures]
+    missing = [f"{s.cell.label} seed {seed}" for s in summaries for seed in seeds
+               if seed not in s.per_seed and seed not in s.failed]
+    if missing:
+        lines += ["", f"Not finished yet (running in another process): {', '.join(missing)}."]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

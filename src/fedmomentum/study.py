@@ -241,6 +241,48 @@ def run_folder(out: Path, cell: Cell, seed: int) -> Path:
     return out / "runs" / cell.folder / f"seed-{seed}"
 
 
+def claim(folder: Path) -> bool:
+    """Take the run in ``folder`` for this process (a ``seed-<k>.lock`` file beside it holding our pid); ``False``
+    when another live process holds it. So the same study started twice uses two cores without running a run twice;
+    a lock left by a process that died is taken over."""
+    import os
+
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text(encoding="utf-8").strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner > 0 and owner != os.getpid() and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(folder: Path) -> None:
+    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def state(folder: Path, config: RunConfig) -> str:
     """``"done"`` (a summary of all its rounds), ``"partial"`` (to resume: ``driver.run`` continues from the
     checkpoint, or starts over a run that stopped before its first one) or ``"new"``.
@@ -268,44 +310,59 @@ def state(folder: Path, config: RunConfig) -> str:
 
 def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
             verbose: bool = False) -> list[RunResult]:
-    """Run every cell × seed that is not finished in ``out``; a failed run is reported and the grid goes on."""
-    from .models import load_model
-    from .simulation import run as run_simulation
+    """Run every cell × seed that is not finished in ``out``; a failed run is reported and the grid goes on.
 
+    A run that another live process is running (the same study started twice) is skipped and left out of the
+    results; run the study again once both have finished for the complete tables.
+    """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    models: dict[tuple, tuple] = {}
+    models: dict[tuple, tuple] = {}  # (model, device) → the loaded base model, copied for every run
     results: list[RunResult] = []
     total = len(study.cells) * len(study.seeds)
     started = time.perf_counter()
     for index, (cell, seed) in enumerate(itertools.product(study.cells, study.seeds), 1):
-        folder = run_folder(out, cell, seed)
-        result = RunResult(cell, seed, folder)
+        result = RunResult(cell, seed, run_folder(out, cell, seed))
         where = f"[{index}/{total}] {cell.label} seed {seed}"
         try:
-            config = study.config(cell, seed, folder)
-            status = state(folder, config)
-            if status != "done":
-                log(f"{where}: {'resuming' if status == 'partial' else 'starting'} ({config.rounds} rounds)")
-                key = (config.model, config.device)
-                if key not in models:
-                    models[key] = load_model(config.model, device=config.device)
-                model, tokenizer = models[key]
-                run_started = time.perf_counter()
-                run_simulation(config, model=copy.deepcopy(model), tokenizer=tokenizer,
-                               resume=status == "partial", quiet=not verbose)
-                result.redone = True
-                log(f"{where}: finished in {time.perf_counter() - run_started:.0f} s "
-                    f"(study {time.perf_counter() - started:.0f} s so far)")
-            result.summary = json.loads((folder / "summary.json").read_text())
-            result.rows = read_metrics(folder)
-            if status == "done":
+            config = study.config(cell, seed, result.folder)
+            if state(result.folder, config) != "done":
+                if not claim(result.folder):
+                    log(f"{where}: running in another process, skipped")
+                    continue
+                try:
+                    status = state(result.folder, config)  # again: it may have finished before we claimed it
+                    if status != "done":
+                        log(f"{where}: {'resuming' if status == 'partial' else 'starting'} ({config.rounds} rounds)")
+                        seconds = _train(config, status == "partial", models, verbose)
+                        result.redone = True
+                        log(f"{where}: finished in {seconds:.0f} s (study {time.perf_counter() - started:.0f} s "
+                            "so far)")
+                finally:
+                    release(result.folder)
+            else:
                 log(f"{where}: already finished, read back")
+            result.summary = json.loads((result.folder / "summary.json").read_text(encoding="utf-8"))
+            result.rows = read_metrics(result.folder)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - one failed run must not stop the grid
             result.error = f"{type(error).__name__}: {error}".splitlines()[0]
             log(f"{where}: FAILED: {result.error}")
         results.append(result)
     return results
+
+
+def _train(config: RunConfig, resume: bool, models: dict, verbose: bool) -> float:
+    """Run (or resume) one run with the shared run loop, on a fresh copy of the base model; the seconds it took."""
+    from .models import load_model
+    from .simulation import run as run_simulation
+
+    key = (config.model, config.device)
+    if key not in models:
+        models[key] = load_model(config.model, device=config.device)
+    model, tokenizer = models[key]
+    started = time.perf_counter()
+    run_simulation(config, model=copy.deepcopy(model), tokenizer=tokenizer, resume=resume, quiet=not verbose)
+    return time.perf_counter() - started
 
 
 # --- summarising -----------------------------------------------------------------------------------------------------
