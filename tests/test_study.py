@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 
 import pytest
@@ -207,6 +208,15 @@ def test_interrupted_runs_resume_from_their_checkpoints(tmp_path):
     results = study_io.execute(longer, out, log=lambda _: None)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert results[0].redone and [json.loads(x)["round"] for x in lines] == [0, 1, 2] and lines[:2] == first
+
+    for child in folder.iterdir():  # stopped before its first checkpoint: only config.json is left
+        if child.name != "config.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    assert study_io.state(folder, longer.config(longer.cells[0], 0, folder)) == "started"
+    results = study_io.execute(longer, out, log=lambda _: None)
+    assert results[0].redone and [row["round"] for row in results[0].rows] == [0, 1, 2]
+    assert [json.loads(x)["eval_loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(x)["eval_loss"] for x in lines]  # started over: the same numbers
 
 
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path):

@@ -284,12 +284,13 @@ def _alive(pid: int) -> bool:
 
 
 def state(folder: Path, config: RunConfig) -> str:
-    """``"done"`` (a summary of all its rounds), ``"partial"`` (to resume: ``driver.run`` continues from the
-    checkpoint, or starts over a run that stopped before its first one) or ``"new"``.
+    """``"done"`` (a summary of all its rounds), ``"partial"`` (a checkpoint to resume from), ``"started"`` (stopped
+    before its first checkpoint: ``driver.run`` asked to resume starts it over) or ``"new"``.
 
     A folder holding a run of other settings is an error rather than silently redone or mixed in.
     """
     from . import rundir
+    from .driver import CHECKPOINT
 
     saved = folder / rundir.CONFIG
     if not saved.is_file():
@@ -305,7 +306,7 @@ def state(folder: Path, config: RunConfig) -> str:
     summary = folder / "summary.json"
     if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("rounds") == config.rounds:
         return "done"
-    return "partial"
+    return "partial" if (folder / CHECKPOINT).is_file() else "started"
 
 
 def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
@@ -333,8 +334,9 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
                 try:
                     status = state(result.folder, config)  # again: it may have finished before we claimed it
                     if status != "done":
-                        log(f"{where}: {'resuming' if status == 'partial' else 'starting'} ({config.rounds} rounds)")
-                        seconds = _train(config, status == "partial", models, verbose)
+                        doing = {"partial": "resuming", "started": "starting over"}.get(status, "starting")
+                        log(f"{where}: {doing} ({config.rounds} rounds)")
+                        seconds = _train(config, status != "new", models, verbose)
                         result.redone = True
                         log(f"{where}: finished in {seconds:.0f} s (study {time.perf_counter() - started:.0f} s "
                             "so far)")
