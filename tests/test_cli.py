@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory, tiny_model):
 # --- help ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["methods"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["study"], ["methods"]])
 def test_every_command_has_plain_help(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output

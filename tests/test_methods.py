@@ -100,6 +100,7 @@ EXACT = [
     ("fedmomentum", {"split": "left"}),
     ("fedmomentum", {"svd": "dense"}),
     ("fedmomentum", {"svd": "randomized"}),
+    ("fedmomentum", {"compress_residual": True}),
 ]
 
 
@@ -598,3 +599,69 @@ def test_check_ranks():
     for name in ("fedit", "ffa-lora", "rolora", "frlora", "fedsa-lora"):
         with pytest.raises(ValueError, match=f"{name} needs every client at the global rank 4; it cannot mix"):
             fm.methods.create(name).check_ranks(4, [4, 8])
+
+
+def _layer_numel(pairs) -> int:
+    return sum(p.A.numel() + p.B.numel() for p in pairs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fedmomentum_compressed_residual_has_the_rank_of_the_tail(case):
+    """``compress_residual`` sends the residual at rank ``rank(M) − r`` instead of ``Σ r_i``; still exact."""
+    d, k, ranks, rank = case
+    global_lora, updates = make_round(27, d, k, ranks, rank)
+    plain = fm.methods.create("fedmomentum", dtype="float64").aggregate(global_lora, updates, scaling=SCALING)
+    small = fm.methods.create("fedmomentum", dtype="float64", compress_residual=True).aggregate(
+        global_lora, updates, scaling=SCALING)
+    p = weights_of(updates)
+    for layer in global_lora:
+        M = target(updates, layer, p)
+        tail = np.linalg.matrix_rank(M) - min(rank, np.linalg.matrix_rank(M))
+        assert (small.backbone[layer].rank if layer in small.backbone else 0) == tail
+        assert rel(merged(small, layer), M) < F64
+        if layer in plain.backbone:
+            assert plain.backbone[layer].rank == sum(ranks)  # the uncompressed route sends rank-Σr factors
+    adapter = _layer_numel(small.lora.values())
+    for agg in (plain, small):
+        residual = sum(x.left.numel() + x.right.numel() for x in agg.backbone.values())
+        assert agg.stats["downlink_bytes"] == 4 * (adapter + residual)
+
+
+@pytest.mark.parametrize("wire, eps", [("bfloat16", 2.0**-8), ("float16", 2.0**-11)])
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 1e-6])  # 1e-6: entries below float16's normal range unless rebalanced
+def test_fedmomentum_residual_in_half_precision(wire, eps, compress, scale):
+    """The residual goes out rounded to ``wire``: representable there, within the dtype's precision of the exact
+    residual (dense float64 reference), the loss reported as ``rounding_error``, counted at 2 bytes a value."""
+    global_lora, updates = make_round(28, 60, 40, [4] * 4, 4)
+    for u in updates:
+        for layer, pair in list(u.factors.items()):
+            u.factors[layer] = fm.LoraPair(pair.A, pair.B * scale)
+    method = fm.methods.create("fedmomentum", dtype="float64", compress_residual=compress, residual_dtype=wire)
+    assert not method.exact
+    agg = method.aggregate(global_lora, updates, scaling=SCALING)
+    exact = fm.methods.create("fedmomentum", dtype="float64", compress_residual=compress).aggregate(
+        global_lora, updates, scaling=SCALING)
+    p = weights_of(updates)
+    dtype = getattr(torch, wire)
+    for layer in global_lora:
+        sent = agg.backbone[layer]
+        for factor in (sent.left, sent.right):
+            assert torch.equal(factor.to(dtype).to(factor.dtype), factor)  # what arrives is exactly this
+        M = target(updates, layer, p)
+        residual = np64(exact.backbone[layer].dense())
+        lost = np.linalg.norm(np64(sent.dense()) - residual)
+        assert 0 < lost <= 4 * eps * np.linalg.norm(residual)
+        assert agg.stats["layers"][layer]["rounding_error"] == pytest.approx(lost / np.linalg.norm(M), rel=1e-6)
+        torch.testing.assert_close(agg.lora[layer].A, exact.lora[layer].A)  # the adapter is sent in float32
+        assert rel(merged(agg, layer), M) == pytest.approx(lost / np.linalg.norm(M), rel=1e-6)
+    adapter = _layer_numel(agg.lora.values())
+    residual = sum(x.left.numel() + x.right.numel() for x in agg.backbone.values())
+    assert agg.stats["downlink_bytes"] == 4 * adapter + 2 * residual
+
+
+def test_fedmomentum_residual_options_are_checked():
+    with pytest.raises(ValueError, match="residual_dtype"):
+        fm.methods.create("fedmomentum", residual_dtype="int8")
+    with pytest.raises(ValueError, match="compress_residual"):
+        fm.methods.create("fedmomentum", compress_residual="yes")

@@ -1,4 +1,4 @@
-"""``fedmomentum run | compare | methods``: the command line over the simulation.
+"""``fedmomentum run | compare | study | methods``: the command line over the simulation.
 
 Every user error is one line on stderr (exit status 2), never a traceback: a bad flag, a value of the wrong type, a
 folder that already holds a run, a device this machine lacks, a full disk (naming the file, and how to continue).
@@ -28,7 +28,8 @@ from . import report, rundir
 from .records import read_metrics
 
 HELP = ("Federated LoRA fine-tuning of LLMs: FedMomentum and its baselines, on transformers + PEFT, in this "
-        "process. Commands: run (one method), compare (several on the same data), methods (list them).")
+        "process. Commands: run (one method), compare (several on the same data), study (a grid of runs over "
+        "seeds), methods (list them).")
 
 
 class OneLineErrors(TyperGroup):
@@ -289,6 +290,47 @@ def _compare_step(cfg: config_io.RunConfig, resume: bool, overwrite: bool) -> tu
     if finished.is_file() and json.loads(finished.read_text()).get("rounds") == cfg.rounds:
         return cfg, "done"
     return cfg, "resume"
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Study file (TOML or YAML): [base], [grid], "
+                                                                "[[cell]], baseline, target_loss.")],
+    out: Annotated[Path, typer.Option(help="Study folder: runs/<cell>/seed-<k>, study.md, study.csv, plots.")] = (
+        Path("runs/study")),
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print every round of every run.")] = False,
+) -> None:
+    """Run a grid of runs over seeds (finished runs are kept, interrupted ones resume); compare against a baseline."""
+    import time
+
+    from . import study as study_io
+
+    guard = Guard()
+    with guard():
+        spec = study_io.load(config)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        with rundir.writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        typer.echo(line)
+        with (out / "study.log").open("a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    started = time.perf_counter()
+    guard.continue_with = f"fedmomentum study --config {config} --out {out}"
+    with guard():
+        log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
+        results = study_io.execute(spec, out, log=log, verbose=verbose)
+        written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
+        typer.echo((out / "study.md").read_text(encoding="utf-8"))
+        log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote "
+            f"{', '.join(p.name for p in written)}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        typer.secho(f"{len(failed)} run(s) failed (see study.md)", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("methods")

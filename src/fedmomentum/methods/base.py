@@ -44,6 +44,7 @@ class Method:
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
     svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
+    backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
     def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
         if weighting not in ("examples", "uniform"):
@@ -316,16 +317,17 @@ class Method:
             raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
     def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
-        """Totals over layers, plus what each client sends and receives (float32 bytes)."""
+        """Totals over layers, plus what each client sends and receives (float32 factors; backbone deltas at
+        ``backbone_wire_bytes`` a value)."""
         trained, sent = self.trainable(round), self.shared(round)
         uplink = {
             (u.client_id or str(i)): WIRE_BYTES * sum(
                 p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in u.factors.values())
             for i, u in enumerate(updates)
         }
-        downlink = WIRE_BYTES * (
-            sum(p.A.numel() * sent["A"] + p.B.numel() * sent["B"] for p in lora.values())
-            + sum(d.left.numel() + d.right.numel() for d in backbone.values())
+        downlink = (
+            WIRE_BYTES * sum(p.A.numel() * sent["A"] + p.B.numel() * sent["B"] for p in lora.values())
+            + self.backbone_wire_bytes * sum(d.left.numel() + d.right.numel() for d in backbone.values())
         )
         noises = [s["noise_norm"] for s in per_layer.values() if s.get("noise_norm") is not None]
         energy = sum(s.get("energy", 0.0) for s in per_layer.values())

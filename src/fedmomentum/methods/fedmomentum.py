@@ -8,7 +8,13 @@ Only the right singular vectors are formed, and only as many as are used (``lina
 ``M = L R`` stacked, the adapter is ``U_r S_r V_rᵀ = (L (R V_r)) V_rᵀ`` and, when the whole tail goes to the
 backbone, the residual is ``M − M V_r V_rᵀ = L (R − (R V_r) V_rᵀ)``: exact by construction (whatever the
 SVD's round-off), at ``O((d + k) q r)`` beyond the two QRs, kept as rank-``q`` factors rather than being
-compressed to rank ``q − r`` (that would cost as much again as the QRs).
+compressed to rank ``q − r``.
+
+Cheaper downlink, as options: ``compress_residual`` sends the residual as its own SVD components
+``r+1 … rank(M)`` (rank ``q − r`` instead of ``q``: ``U S`` and ``Vᵀ`` of the tail, exact to the SVD's round-off);
+``residual_dtype`` rounds the residual factors to ``bfloat16`` / ``float16`` before they are sent (2 bytes a value;
+the server applies the same rounded delta, so every party keeps the same model, and the rounding is recorded per
+layer as ``rounding_error``, relative to ``‖s M‖``).
 """
 
 from __future__ import annotations
@@ -17,20 +23,24 @@ import numbers
 
 import torch
 
-from ..linalg import SVD_KINDS, Terms, compress, energy_rank, numerical_rank
+from ..linalg import SVD_KINDS, Terms, compress, energy_rank, lowrank_norm, numerical_rank
 from ..types import LowRank
 from .base import SPLITS, Method, adapter_from_svd
 
+RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class FedMomentum(Method):
-    """Options: ``residual_energy`` τ, ``split``, ``merge_residual``, ``merge_every``, ``svd``."""
+    """Options: ``residual_energy`` τ, ``split``, ``merge_residual``, ``merge_every``, ``svd``,
+    ``compress_residual``, ``residual_dtype``."""
 
     name = "fedmomentum"
     mixed_ranks = True
     holds_state = True  # with merge_every > 1, residuals wait on the server (``held``)
 
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
-                 merge_every: int = 1, svd: str = "factored", **common):
+                 merge_every: int = 1, svd: str = "factored", compress_residual: bool = False,
+                 residual_dtype: str = "float32", **common):
         super().__init__(**common)
         if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):
             raise ValueError(f"residual_energy must be a number in (0, 1], got {residual_energy!r}")
@@ -44,12 +54,19 @@ class FedMomentum(Method):
             raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, got {residual_dtype!r}")
+        if not isinstance(compress_residual, bool):
+            raise ValueError(f"compress_residual must be true or false, got {compress_residual!r}")
         self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
-        self.merge_every, self.svd = int(merge_every), svd
+        self.merge_every, self.svd, self.compress_residual = int(merge_every), svd, compress_residual
+        self.residual_dtype = RESIDUAL_DTYPES[residual_dtype]
+        self.backbone_wire_bytes = torch.finfo(self.residual_dtype).bits // 8
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
-        return self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
+        return (self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
+                and self.residual_dtype == torch.float32)
 
     def svd_terms(self, name, global_pair, clients, weights, scaling, round):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # M = Σ p_i B_i A_i
@@ -61,7 +78,8 @@ class FedMomentum(Method):
         alive = min(numerical_rank(spectrum, shape), rank)  # components the adapter takes; its other slots restart
         nonzero = numerical_rank(spectrum, (len(S),))
         keep = energy_rank(spectrum, rank, self.residual_energy) if self.merge_residual else alive
-        whole_tail = self.merge_residual and keep >= nonzero  # the backbone gets all the adapter leaves
+        # the backbone gets all the adapter leaves, as rank-q factors (or as the SVD's own tail when compressed)
+        whole_tail = self.merge_residual and keep >= nonzero and not self.compress_residual
         Vh = svd.Vh(alive if whole_tail else keep)
         RV = R @ Vh.mT
         US = L @ RV  # M V = U S, so U S Vh is exactly M's projection on those right singular vectors
@@ -84,7 +102,25 @@ class FedMomentum(Method):
         residual = self._hold_or_release(name, residual, round)
         if name in self.held:
             stats["held_rank"] = self.held[name].rank
+        if residual is not None and self.residual_dtype != torch.float32:
+            residual, error = self._round(residual)
+            stats["rounding_error"] = error / (scaling * energy ** 0.5) if energy > 0 else 0.0
         return new, residual, stats
+
+    def _round(self, residual: LowRank) -> tuple[LowRank, float]:
+        """The residual's factors as they arrive in ``residual_dtype``, and ``‖sent − residual‖_F``.
+
+        The scale is balanced between the factors first (equal column norms), so neither is tiny enough to lose
+        precision in float16's subnormal range.
+        """
+        left, right = residual.left, residual.right
+        balance = (right.norm(dim=1) / left.norm(dim=0).clamp(min=torch.finfo(left.dtype).tiny)).sqrt()
+        balance = torch.where(torch.isfinite(balance) & (balance > 0), balance, torch.ones_like(balance))
+        left, right = left * balance, right / balance[:, None]
+        wire = self.residual_dtype
+        sent = LowRank(left.to(wire).to(left.dtype), right.to(wire).to(right.dtype))
+        error = lowrank_norm(torch.cat([sent.left, -residual.left], 1), torch.cat([sent.right, residual.right], 0))
+        return sent, error
 
     def _hold_or_release(self, name: str, residual: LowRank | None, round: int) -> LowRank | None:
         """With ``merge_every = k`` residuals wait on the server and go out together after every ``k``-th round."""
