@@ -107,6 +107,19 @@ def corrupt_train_reply(reply: Message, fault: str) -> Message:
             return Array(np.full(new, 1e-3, np.float32))
 
         _replace_arrays(factors, wider)
+    elif fault in ("pad-rank", "drop-rank"):  # well-formed factors of another rank than the client's
+        def resized(key: str, array: Array) -> Array:
+            values = array.numpy()
+            rank = values.shape[0] if key.endswith("/A") else values.shape[1]
+            if fault == "pad-rank":  # twice the rank, the new slots zero: the same product B A
+                values = np.concatenate([values, np.zeros_like(values)], 0 if key.endswith("/A") else 1)
+            else:
+                values = values[: rank - 1] if key.endswith("/A") else values[:, : rank - 1]
+            return Array(np.ascontiguousarray(values, dtype=np.float32))
+
+        _replace_arrays(factors, resized)
+    elif fault == "scaling":  # the scaling of twice the rank
+        metrics["scaling"] = float(metrics["scaling"]) / 2
     elif fault == "extra-record":
         reply.content["extra"] = ConfigRecord({"x": 1})
     elif fault == "no-metrics":
@@ -139,6 +152,9 @@ TRAIN_FAULTS = {  # fault → what the rejection says
     "string": "dtype '<U3'",
     "mislabelled-float64": "dtype float64; expected",
     "rank-512": "shape (512,",
+    "pad-rank": "shape (8, 64), expected (4, 64)",  # small_config: lora_r=4, tiny hidden size 64
+    "drop-rank": "shape (3, 64), expected (4, 64)",
+    "scaling": "scaling must be 2.0 (the LoRA scaling of the client's rank), got 1.0",
     "extra-record": "unexpected records ['extra']",
     "no-metrics": "needs a MetricRecord 'metrics'",
 }

@@ -131,15 +131,17 @@ def test_the_example_app_declares_every_documented_key():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, flower_config):
-    """``fedmomentum run`` of ``small_config`` per method (computed once, on first use): its output folder."""
+    """``fedmomentum run`` of ``small_config`` per method and changes (computed once, on first use): its output
+    folder."""
     root, done = tmp_path_factory.mktemp("reference"), {}
 
-    def get(method: str) -> Path:
-        if method not in done:
-            config = flower_config(root, method, method=method)
+    def get(method: str, **changes) -> Path:
+        key = (method, *sorted((k, repr(v)) for k, v in changes.items()))
+        if key not in done:
+            config = flower_config(root, f"{method}-{len(done)}", method=method, **changes)
             simulation.run(config, quiet=True)
-            done[method] = Path(config.out)
-        return done[method]
+            done[key] = Path(config.out)
+        return done[key]
 
     return get
 
@@ -165,6 +167,28 @@ def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, t
     else:  # round 1: every node builds the seeded init itself; round 2: only B, trained in round 1, goes out
         assert flower_rows[1]["downlink_bytes"] == 0 and flower_rows[2]["downlink_bytes"] == factor_bytes["B"]
     assert (tmp_path / "flower" / "summary.json").is_file() and (tmp_path / "flower" / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("method, changes", [("frlora", {}), ("fedsa-lora", {}),
+                                             ("fedmomentum", {"client_ranks": [2, 6]}),
+                                             ("flexlora", {"client_ranks": [6, 2], "rslora": True})])
+def test_2025_methods_and_mixed_ranks_on_flower_equal_fedmomentum_run(method, changes, tmp_path, reference,
+                                                                      flower_config):
+    """FRLoRA's start (a backbone delta before round 1), FedSA-LoRA's B kept on each node, and clients of other
+    ranks (each with its own scaling) give on Flower the same model as in the simulation, also when a node loses
+    its state and process before round 3 (the server resends what it held: the backbone, a kept B)."""
+    changes = {**changes, "rounds": 3}
+    config = flower_config(tmp_path, "flower", method=method, **changes)
+    run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=11, events={2: [("restart", 100)]}))
+    a = checkpoint.load(reference(method, **changes) / driver.CHECKPOINT)
+    b = checkpoint.load(tmp_path / "flower" / driver.CHECKPOINT)
+    assert_same_state(a, b, atol=0.0)
+    assert a.clients.keys() == b.clients.keys() and bool(a.clients) == (method == "fedsa-lora")
+    for cid, kept in a.clients.items():
+        assert all(torch.equal(kept["B"][name], b.clients[cid]["B"][name]) for name in kept["B"])
+    sim_rows, flower_rows = rows(reference(method, **changes)), rows(tmp_path / "flower")
+    assert [r["eval_loss"] for r in sim_rows] == pytest.approx([r["eval_loss"] for r in flower_rows], abs=1e-6)
+    assert flower_rows[3]["resyncs"] == 1  # the restarted node was brought back
 
 
 def test_late_and_restarted_nodes_rebuild_the_same_backbone(tmp_path, flower_config):

@@ -54,6 +54,13 @@ def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel
     return model, tokenizer
 
 
+def make_method(config: RunConfig) -> methods.Method:
+    """The run's aggregation method with its options (the server aggregates with it; a client asks it where to
+    start, ``Method.client_start``)."""
+    return methods.create(config.method, **{"weighting": config.weighting, "seed": config.seed,
+                                            **config.method_options})
+
+
 def _split(config: RunConfig, examples: list[Example], name: str) -> tuple[list[Example], list[Example]]:
     """A data file's training examples and its seeded held-out slice (``eval_fraction``, ≤ ``eval_per_family``)."""
     return split_held_out(examples, config.eval_fraction, config.eval_per_family, config.seed, name)
@@ -106,8 +113,7 @@ def prepare(config: RunConfig, model=None, tokenizer=None,
     config's own held-out examples)."""
     config.validate()
     model, tokenizer = peft_model(config, model, tokenizer)
-    method = methods.create(config.method, **{"weighting": config.weighting, "seed": config.seed,
-                                               **config.method_options})
+    method = make_method(config)
     if held_out is None:
         held_out = client_examples(config)[1]
     eval_data = {family: encode_all(items, tokenizer, config) for family, items in held_out.items()}

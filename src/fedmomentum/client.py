@@ -14,8 +14,8 @@ import torch
 from peft import PeftModel
 
 from .data.formatting import IGNORE_INDEX, collate
-from .peft_io import ADAPTER, get_lora, scaling, set_lora, set_trainable
-from .types import ClientUpdate, LoraPair
+from .peft_io import ADAPTER, active_adapter, get_lora, rank_adapter, scaling, set_lora, set_trainable
+from .types import ClientUpdate, LoraPair, Tensor
 
 
 @dataclass
@@ -117,3 +117,31 @@ def train_client(
     update = ClientUpdate(get_lora(model, adapter), num_examples=len(data), client_id=client_id,
                           scaling=scaling(model, adapter))
     return update, sum(losses) / len(losses)
+
+
+def train_round(
+    model: PeftModel,
+    method,
+    data: list[dict],
+    global_lora: dict[str, LoraPair],
+    trainable: dict[str, bool],
+    cfg: TrainConfig,
+    *,
+    rank: int,
+    own: dict[str, dict[str, Tensor]] | None = None,
+    round: int = 0,
+    lr: float | None = None,
+    seed: int = 0,
+    client_id: str = "",
+    pad_id: int = 0,
+) -> tuple[ClientUpdate, float]:
+    """One client's round, as every engine runs it: an adapter of the client's own ``rank`` on ``model``
+    (``peft_io.rank_adapter``), the start ``method`` gives it (``Method.client_start``: the global adapter at that
+    rank, with the factors the client keeps, ``own``), then ``train_client``. The update carries the client's scaling.
+    """
+    adapter = rank_adapter(model, rank)
+    start = method.client_start(global_lora, own=own, round=round, rank=rank if adapter != ADAPTER else None,
+                                scaling=scaling(model, adapter), global_scaling=scaling(model))
+    with active_adapter(model, adapter):
+        return train_client(model, data, start, trainable, cfg, lr=lr, seed=seed, client_id=client_id, pad_id=pad_id,
+                            adapter=adapter)

@@ -9,12 +9,10 @@ clients between rounds (FedSA-LoRA's ``B``) is held here per client and saved in
 from __future__ import annotations
 
 from .build import Setup, client_examples, client_ids, encode_all, prepare
-from .client import train_client
+from .client import train_round
 from .config import RunConfig
 from .driver import ClientRound, Engine
 from .driver import run as drive
-from .peft_io import active_adapter, rank_adapter
-from .peft_io import scaling as adapter_scaling
 from .schedule import client_ranks, client_seed, sample_clients
 from .types import LoraPair, Tensor
 
@@ -36,16 +34,10 @@ class InProcess(Engine):
         updates, losses = [], []
         for client in sample_clients(config, round):
             client_id = self.ids[client]
-            adapter = rank_adapter(model, self.ranks[client])
-            s_k = adapter_scaling(model, adapter)
-            resized = self.ranks[client] != config.lora_r
-            start = method.client_start(global_lora, own=self.kept.get(client_id), round=round,
-                                        rank=self.ranks[client] if resized else None, scaling=s_k,
-                                        global_scaling=self.setup.scaling)
-            with active_adapter(model, adapter):
-                update, loss = train_client(model, self.client_data[client], start, trainable, config.train_config(),
-                                            lr=lr, seed=client_seed(config, round, client), client_id=client_id,
-                                            pad_id=self.setup.tokenizer.pad_token_id, adapter=adapter)
+            update, loss = train_round(model, method, self.client_data[client], global_lora, trainable,
+                                       config.train_config(), rank=self.ranks[client], own=self.kept.get(client_id),
+                                       round=round, lr=lr, seed=client_seed(config, round, client),
+                                       client_id=client_id, pad_id=self.setup.tokenizer.pad_token_id)
             if method.local:
                 self.kept[client_id] = method.local_state(update)
             updates.append(update)

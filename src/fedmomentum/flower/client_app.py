@@ -1,23 +1,28 @@
-"""The Flower ClientApp: one client of the federation, training with the same ``client.train_client``.
+"""The Flower ClientApp: one client of the federation, training with the same ``client.train_round``.
 
-A node is one client of the run: ``partition-id`` in its node config names it (its seed, when it is sampled), and
-it trains on its own data, the file or folder ``data`` of its node config (``local_data``), or without ``data``
-on its seeded synthetic partition (simulation). It tells the server its example count, never its examples.
-Each train message carries the global
-adapter, the backbone deltas of the rounds the server believes the node has not applied, the round's
-trainable factors, learning rate and seed, and the run's configuration. The node replies with the factors it
-trained and ``num-examples``.
+A node is one client of the run: ``partition-id`` in its node config names it (its seed, its LoRA rank from
+``client_ranks``, when it is sampled), and it trains on its own data, the file or folder ``data`` of its node config
+(``local_data``), or without ``data`` on its seeded synthetic partition (simulation). It tells the server its
+example count, never its examples. Each train message carries the global adapter factors the node lacks, the
+backbone deltas of the entries the server believes the node has not applied, the round's trainable factors,
+learning rate and seed, and the run's configuration. The node starts where the method says
+(``Method.client_start``: the global adapter at the client's own rank, with what the client keeps between rounds)
+and replies with the factors it trained, ``num-examples`` and its LoRA scaling.
 
-Backbone versions. The backbone version is the number of rounds whose deltas have been applied. The node keeps
-its version and the deltas it has applied in ``context.state`` (local to the node, kept by Flower across the
-messages of a run), so a fresh ClientApp process (Flower's deployment engine starts one per message) rebuilds the
-exact backbone from the base model without any network traffic. A message says which versions its deltas span
-(``backbone-from`` to ``backbone-to``):
+Backbone versions. The backbone version is the number of log entries whose deltas have been applied (the method's
+start, if it has one, then one per round). The node keeps its version and the deltas it has applied in
+``context.state`` (local to the node, kept by Flower across the messages of a run), so a fresh ClientApp process
+(Flower's deployment engine starts one per message) rebuilds the exact backbone from the base model without any
+network traffic. A message says which versions its deltas span (``backbone-from`` to ``backbone-to``):
 
-- node version in ``[from, to]``: apply the deltas of the rounds it lacks, train;
+- node version in ``[from, to]``: apply the deltas of the entries it lacks, train;
 - node version ``< from`` (it restarted, or lost its state): reply ``resync`` with its version; the server resends
-  the deltas from there (it keeps every round's delta);
+  the deltas from there (it keeps every entry's delta);
 - node version ``> to`` (its state comes from another history): forget it and ask for everything from 0.
+
+What a client keeps between rounds (``Method.local``, FedSA-LoRA's ``B``) is in ``context.state`` too; the message
+names the copy the server expects by digest, and a node that lacks it says so in its resync and is sent the
+server's copy.
 
 The model itself is cached per process (keyed by run and config fingerprint) and brought to the node's version by
 applying the logged deltas in order, so every node ends with bit-identical backbone weights.
@@ -31,27 +36,32 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..build import encode_all, peft_model
-from ..client import train_client
+from ..build import encode_all, make_method, peft_model
+from ..client import train_round
 from ..config import RunConfig, from_dict
+from ..methods import Method
 from ..peft_io import apply_backbone, get_lora
-from ..types import LoraPair, LowRank
+from ..schedule import client_ranks
+from ..types import LoraPair, LowRank, Tensor
 from . import wire
 from .local_data import node_examples
 
 STATE_NODE = "fedmomentum.node"  # ConfigRecord: backbone version and the config fingerprint it belongs to
 STATE_LOG = "fedmomentum.backbone"  # ArrayRecord: every delta this node applied, keyed like wire.deltas_to_record
 STATE_ADAPTER = "fedmomentum.adapter"  # ArrayRecord: the global adapter of the node's version
+STATE_OWN = "fedmomentum.own"  # ArrayRecord: what the client keeps between rounds (``Method.local``), if anything
 
 
 @dataclass
 class _Worker:
-    """What a process keeps between messages: the model at some backbone version, and encoded training data."""
+    """What a process keeps between messages: the model at some backbone version, the method (where a client starts),
+    and encoded training data."""
 
     key: tuple
     config: RunConfig
     model: object
     tokenizer: object
+    method: Method
     version: int = 0
     data: dict[tuple, list[dict]] = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # the seeded LoRA init: the global adapter of version 0
@@ -74,7 +84,7 @@ def shared_worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
     if _WORKER is None or _WORKER.key != key:
         _WORKER = None  # free the old model first
         model, tokenizer = peft_model(config)
-        _WORKER = _Worker(key, config, model, tokenizer, initial=get_lora(model))
+        _WORKER = _Worker(key, config, model, tokenizer, make_method(config), initial=get_lora(model))
     return _WORKER
 
 
@@ -148,13 +158,28 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": info}), reply_to=message)
 
 
-def _resync(message: Message, pid: int, version: int, full_adapter: bool = False) -> Message:
-    info = ConfigRecord({"backbone-version": version, "partition-id": pid, "full-adapter": full_adapter})
+def _resync(message: Message, pid: int, version: int, full_adapter: bool = False, own: bool = False) -> Message:
+    info = ConfigRecord({"backbone-version": version, "partition-id": pid, "full-adapter": full_adapter,
+                         "own-state": own})
     return Message(RecordDict({"resync": info}), reply_to=message)
 
 
+def _own(message: Message, context: Context, expected: str) -> tuple[dict[str, dict[str, Tensor]] | None, bool]:
+    """What the client keeps between rounds, the copy the server expects (digest ``expected``): the one the message
+    carries, else the node's own; and whether the node has it. ``(None, True)`` when the server expects nothing (the
+    client has not trained yet, or its replies were not accepted: it starts from the global adapter)."""
+    if not expected:
+        return None, True
+    records = [message.content.array_records.get("own"), context.state.array_records.get(STATE_OWN)]
+    for record in [r for r in records if r is not None]:
+        own = wire.record_to_own(record)
+        if wire.own_digest(own) == expected:
+            return own, True
+    return None, False
+
+
 def train(message: Message, context: Context) -> Message:
-    """Bring the backbone to the server's version, train the partition from the global adapter, reply."""
+    """Bring the backbone to the server's version, train the partition from where the method starts it, reply."""
     settings = message.content["config"]
     config = from_dict(json.loads(settings["run-config"]))
     fp = str(settings["fingerprint"])
@@ -164,8 +189,9 @@ def train(message: Message, context: Context) -> Message:
     if version > end:  # a backbone from another history: start over from the base model
         _save_node(context, fp, 0, {})
         return _resync(message, pid, 0)
+    own, has_own = _own(message, context, str(settings["own-digest"]))
     if version < start:
-        return _resync(message, pid, version)
+        return _resync(message, pid, version, own=not has_own)
     worker = shared_worker(context.run_id, fp, config)
     # the global adapter: the factors the message carries, the others as the node last had them
     held = context.state.array_records.get(STATE_ADAPTER)
@@ -176,32 +202,38 @@ def train(message: Message, context: Context) -> Message:
             for name, sent in wire.record_to_factors(message.content[f"global-{factor}"]).items():
                 factors.setdefault(name, {})[factor] = sent[factor]
     global_lora = {name: LoraPair(pair["A"], pair["B"]) for name, pair in factors.items()}
-    if wire.adapter_digest(global_lora) != settings["adapter-digest"]:  # e.g. another PEFT init: ask for it all
-        _save_node(context, fp, 0, {})
-        return _resync(message, pid, 0, full_adapter=True)
+    used = [f for f in ("A", "B") if own is None or f not in worker.method.local]  # the client's own replace the rest
+    if any(wire.factor_digest(global_lora, f) != settings[f"digest-{f}"] for f in used):
+        _save_node(context, fp, 0, {})  # e.g. another PEFT init: ask for it all
+        return _resync(message, pid, 0, full_adapter=True, own=not has_own)
+    if not has_own:
+        return _resync(message, pid, version, own=True)
     applied = _node_log(context, fp)
     incoming = wire.record_to_deltas(message.content["backbone"]) if "backbone" in message.content else {}
-    for round in range(version, end):
-        applied[round] = incoming.get(round, {})
+    for entry in range(version, end):
+        applied[entry] = incoming.get(entry, {})
     _save_node(context, fp, end, applied, global_lora)
 
     if worker.version > end:
         reset_worker()
         worker = shared_worker(context.run_id, fp, config)
-    for round in range(worker.version, end):
-        apply_backbone(worker.model, applied.get(round, {}))
+    for entry in range(worker.version, end):
+        apply_backbone(worker.model, applied.get(entry, {}))
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
     examples = worker.examples(context.node_config, pid)
-    update, loss = train_client(worker.model, examples, global_lora, trainable, config.train_config(),
-                                lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
-                                pad_id=worker.tokenizer.pad_token_id)
+    update, loss = train_round(worker.model, worker.method, examples, global_lora, trainable, config.train_config(),
+                               rank=client_ranks(config)[pid], own=own, round=int(settings["round"]),
+                               lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
+                               pad_id=worker.tokenizer.pad_token_id)
+    if worker.method.local:
+        context.state[STATE_OWN] = wire.own_to_record(worker.method.local_state(update))
     factors = tuple(f for f in ("A", "B") if trainable[f])
     reply = RecordDict({
         "factors": wire.lora_to_record(update.factors, factors),
         "metrics": MetricRecord({"num-examples": update.num_examples, "train-loss": float(loss),
-                                 "backbone-version": end, "partition-id": pid}),
+                                 "backbone-version": end, "partition-id": pid, "scaling": float(update.scaling)}),
     })
     return Message(reply, reply_to=message)
 

@@ -6,8 +6,8 @@ when a node stops sending heartbeats (it comes from the SuperLink, not from the 
 as "node disconnected" as soon as it is known. While the round waits, the node list is polled: a node that left is
 forgotten, a new node is asked its hello, and a node that takes over a partition the round still needs (its
 holder left, or it had none) is sent that partition's message at once, so a SuperNode that restarts during a
-round's wait trains in that round. A node that says it lacks backbone deltas (``resync``) is resent from its own
-version, at most ``MAX_RESENDS`` times.
+round's wait trains in that round. A node that says it lacks backbone deltas, the whole adapter or its client's
+kept factors (``resync``) is resent what it lacks, at most ``MAX_RESENDS`` times.
 
 A partition without a node (none yet, or its node left) is waited for until ``node_deadline``, and after that
 only while other nodes of the round are still training; each train message is waited for ``round_timeout``
@@ -163,9 +163,11 @@ class Exchange:
             self._attempts[partition] = self._attempts.get(partition, 0) + 1
             if self._attempts[partition] <= MAX_RESENDS:
                 node.version = resync.version
+                node.needs_own = node.needs_own or resync.own
                 self.resyncs += 1
-                log(INFO, "node %d (%s) has backbone version %d%s; resending from there", node.node_id, cid,
-                    node.version, " and needs the whole adapter" if resync.full_adapter else "")
+                log(INFO, "node %d (%s) has backbone version %d%s%s; resending from there", node.node_id, cid,
+                    node.version, " and needs the whole adapter" if resync.full_adapter else "",
+                    " and lacks its client's own factors" if resync.own else "")
                 self._send_train(node, resync.full_adapter)
                 return
         self.replies[partition] = reply

@@ -24,6 +24,7 @@ class Node:
     partition: int
     version: int  # the backbone version the server believes the node has
     examples: int = 0  # the training examples it said it holds
+    needs_own: bool = False  # it said it lacks what its client keeps between rounds (``Method.local``)
 
 
 def client_id(partition: int) -> str:

@@ -1,16 +1,18 @@
 """Every reply a node sends is checked here, in one step, before anything in it is used.
 
 Three replies exist: the hello (which partition a node holds, its backbone version, how many examples it has), the
-resync (the backbone version it really has) and the train reply (the factors it trained and its example count).
+resync (the backbone version it really has) and the train reply (the factors it trained at its client's rank, its
+example count and its LoRA scaling).
 Each has one parser that checks it against the protocol and the run's ``Limits`` and raises ``ReplyError`` naming
 what is wrong; the strategy then leaves that node out and records the reason.
 
 Arrays are checked before they are decoded, so no reply can make the server allocate more than the protocol
-allows: the declared serialisation (numpy), dtype (float32) and shape (exactly the configured one) first, then the
+allows: the declared serialisation (numpy), dtype (float32) and shape (exactly the configured one, at the rank
+configured for that client) first, then the
 byte count against that shape, then the npy header (it must say the same), and only then the values are read, with
 ``np.frombuffer`` (never ``np.load``: a header claiming a 37 GiB array is never allocated). Factors must be finite
 and within ``Limits.max_abs`` (1e30 is finite, and breaks the SVD); counts are integers in ``1 … max_examples``;
-versions are integers in ``0 … the server's version``.
+versions are integers in ``0 … the server's version``; the scaling is exactly the one the client's rank gives.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Hello:
 class Resync:
     version: int
     full_adapter: bool
+    own: bool = False  # it lacks what its client keeps between rounds
 
 
 # --- values ------------------------------------------------------------------------------------------------
@@ -143,28 +146,33 @@ def parse_hello(reply: Message, clients: int, limits: Limits) -> Hello:
 
 
 def parse_resync(reply: Message, partition: int, server_version: int) -> Resync:
-    """A resync reply: the backbone version the node has (``0 … server_version``) and whether it needs the whole
-    adapter."""
+    """A resync reply: the backbone version the node has (``0 … server_version``), whether it needs the whole
+    adapter and whether it lacks its client's kept factors (``own-state``)."""
     info = _record(reply, "resync", ConfigRecord)
     version = integer(info.get("backbone-version"), "resync backbone-version", 0, server_version)
     integer(info.get("partition-id"), "resync partition-id", partition, partition)
-    full = info.get("full-adapter", False)
-    if not isinstance(full, bool):
-        raise ReplyError(f"resync full-adapter must be a bool, got {full!r}")
-    return Resync(version, full)
+    flags = {}
+    for key in ("full-adapter", "own-state"):
+        flags[key] = info.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ReplyError(f"resync {key} must be a bool, got {flags[key]!r}")
+    return Resync(version, flags["full-adapter"], flags["own-state"])
 
 
 def parse_train_reply(reply: Message, cid: str, partition: int, global_lora: dict[str, LoraPair],
-                      trainable: dict[str, bool], version: int, limits: Limits) -> tuple[ClientUpdate, float]:
+                      trainable: dict[str, bool], version: int, limits: Limits, *, rank: int | None = None,
+                      scaling: float) -> tuple[ClientUpdate, float]:
     """A train reply as a ``ClientUpdate`` (frozen factors filled in from ``global_lora``) and its training loss.
 
     The reply holds exactly an ``ArrayRecord`` ``factors`` (``<layer>/A``, ``<layer>/B`` for the trained factors of
-    every layer, each of the global factor's shape) and a ``MetricRecord`` ``metrics`` (``num-examples``,
-    ``train-loss``, ``backbone-version`` = ``version``, ``partition-id`` = ``partition``).
+    every layer, each of the global factor's shape at the client's configured ``rank``: ``(rank, in)`` and
+    ``(out, rank)``; ``None``: the global rank) and a ``MetricRecord`` ``metrics`` (``num-examples``,
+    ``train-loss``, ``backbone-version`` = ``version``, ``partition-id`` = ``partition``, ``scaling`` = ``scaling``,
+    the client's LoRA scaling, exactly).
     """
     try:
         if reply.has_content() and "resync" in reply.content:
-            raise ReplyError("still asks for a backbone resync after two resends")
+            raise ReplyError("still asks for a resync after two resends")
         extra = sorted(set(reply.content) - {"factors", "metrics"}) if reply.has_content() else []
         if extra:
             raise ReplyError(f"unexpected records {extra} (a train reply holds 'factors' and 'metrics')")
@@ -176,6 +184,9 @@ def parse_train_reply(reply: Message, cid: str, partition: int, global_lora: dic
         loss = metrics.get("train-loss")
         if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
             raise ReplyError(f"train-loss must be a finite number, got {loss!r}")
+        reported = metrics.get("scaling")
+        if isinstance(reported, bool) or not isinstance(reported, float) or reported != scaling:
+            raise ReplyError(f"scaling must be {scaling!r} (the LoRA scaling of the client's rank), got {reported!r}")
         sent = [f for f in ("A", "B") if trainable[f]]
         expected = {f"{name}/{factor}" for name in global_lora for factor in sent}
         missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
@@ -184,15 +195,22 @@ def parse_train_reply(reply: Message, cid: str, partition: int, global_lora: dic
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         factors = {}
         for name, pair in global_lora.items():
+            r = pair.rank if rank is None else rank
+            shapes = {"A": (r, pair.shape[1]), "B": (pair.shape[0], r)}
             got = {}
-            for factor in sent:
+            for factor in ("A", "B"):
                 what = f"layer {name!r}, factor {factor}"
-                got[factor] = decode(arrays[f"{name}/{factor}"], tuple(getattr(pair, factor).shape), what)
-                check_values(got[factor], what, limits)
-            factors[name] = LoraPair(got.get("A", pair.A), got.get("B", pair.B))
+                if factor in sent:
+                    got[factor] = decode(arrays[f"{name}/{factor}"], shapes[factor], what)
+                    check_values(got[factor], what, limits)
+                elif r == pair.rank:
+                    got[factor] = getattr(pair, factor)
+                else:  # no method that freezes a factor mixes ranks (``Method.mixed_ranks``)
+                    raise ReplyError(f"{what}: frozen, and the client's rank {r} is not the global rank {pair.rank}")
+            factors[name] = LoraPair(got["A"], got["B"])
     except ReplyError as error:
         raise ReplyError(f"client {cid!r}: {error}") from None
-    return ClientUpdate(factors, num_examples=count, client_id=cid), float(loss)
+    return ClientUpdate(factors, num_examples=count, client_id=cid, scaling=scaling), float(loss)
 
 
 __all__ = ["Hello", "Limits", "ReplyError", "Resync", "check_values", "decode", "integer", "parse_hello",

@@ -9,9 +9,15 @@ records, checkpoint, summary, exports) with the strategy as its engine. Each rou
    with what it lacks (``resync``), resends to nodes that ask for a resync, notices nodes that disconnect or take
    a partition over, and waits for the replies;
 3. ``collect``: every reply passes ``replies.parse_train_reply`` (any fault rejects that reply, with the reason
-   logged and recorded); the accepted updates, sorted by client, go back to the driver, which aggregates them with
-   the method (weights renormalised over them) and updates the server's model. The backbone delta goes into the
-   log late or restarted nodes replay (``backbone_log``).
+   logged and recorded; factors at exactly the client's configured rank, ``client_ranks``, and its exact scaling);
+   the accepted updates, sorted by client, go back to the driver, which aggregates them with the method (weights
+   renormalised over them) and updates the server's model. The backbone delta goes into the log late or restarted
+   nodes replay (``backbone_log``).
+
+A method's start (FRLoRA's ``Method.start``, before round 0) is the log's first entry, so every node applies it
+like a round's delta. What a method's clients keep between rounds (``Method.local``, FedSA-LoRA's ``B``) stays on
+the nodes (``context.state``); the server also keeps the copy each client last sent (it needs it for its own
+model), saves it in every checkpoint like ``fedmomentum run`` does, and sends it back only to a node that lost it.
 
 A run that fails (too few usable updates, or anything else) leaves ``summary.json`` with ``"status": "failed"``
 and the reason; a run that ends leaves ``"status": "completed"``.
@@ -36,8 +42,8 @@ from .. import driver
 from ..build import Setup, prepare
 from ..config import RunConfig
 from ..records import read_metrics
-from ..schedule import client_seed, sample_clients
-from ..types import Aggregate, ClientUpdate, LoraPair
+from ..schedule import client_ranks, client_seed, sample_clients
+from ..types import Aggregate, ClientUpdate, LoraPair, Tensor
 from . import wire
 from .backbone_log import FILE as BACKBONE_LOG
 from .backbone_log import BackboneLog
@@ -78,6 +84,7 @@ class LoraStrategy(Strategy, driver.Engine):
 
     name = "flower"
     progress_bar = False  # per-round lines go to Flower's log
+    features = frozenset({"start", "client_state", "client_ranks"})
 
     def __init__(self, config: RunConfig, *, min_clients: int = 1, round_timeout: float = 3600.0,
                  node_timeout: float = 60.0, limits: Limits | None = None, eval_data: str = "",
@@ -98,6 +105,8 @@ class LoraStrategy(Strategy, driver.Engine):
         self.fingerprint = wire.fingerprint(config)
         self.nodes = Nodes(config.clients, self.fingerprint, self.limits, wire.config_json(config))
         self.backbone_log = BackboneLog()
+        self.ranks = client_ranks(config)  # each partition's LoRA rank
+        self.kept: dict[str, dict[str, dict[str, Tensor]]] = {}  # client id → what it keeps, as it last sent it
         self.global_lora: dict[str, LoraPair] = {}
         self.grid: Grid | None = None
         self._round: dict = {}  # bookkeeping of the round in progress
@@ -108,8 +117,8 @@ class LoraStrategy(Strategy, driver.Engine):
 
     @property
     def round(self) -> int:
-        """Completed rounds (= the backbone version)."""
-        return self.backbone_log.version
+        """Completed rounds."""
+        return self.backbone_log.rounds
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedmomentum method: %s %s", self.config.method, self.config.method_options or "")
@@ -131,7 +140,8 @@ class LoraStrategy(Strategy, driver.Engine):
 
         def message(node: Node, full: bool = False) -> Message:
             seed = client_seed(self.config, round, node.partition)
-            return train_message(node, config, arrays, self.backbone_log, seed, server_round, full)
+            return train_message(node, config, arrays, self.backbone_log, seed, server_round, full,
+                                 own=self.kept.get(client_id(node.partition)), local=self.method.local)
 
         exchange = Exchange(grid, self.nodes, sampled, message, round_timeout=self.round_timeout,
                             node_deadline=time.monotonic() + self.node_timeout,
@@ -200,7 +210,8 @@ class LoraStrategy(Strategy, driver.Engine):
             "lr": lr,
             "train-A": bool(trainable["A"]),
             "train-B": bool(trainable["B"]),
-            "adapter-digest": wire.adapter_digest(self.global_lora),
+            "digest-A": wire.factor_digest(self.global_lora, "A"),
+            "digest-B": wire.factor_digest(self.global_lora, "B"),
         })
 
     def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
@@ -227,16 +238,19 @@ class LoraStrategy(Strategy, driver.Engine):
         for partition, reply in sorted(replies.items()):
             cid = client_id(partition)
             try:  # any fault in one reply rejects that reply, never the round
+                rank = self.ranks[partition]
                 update, loss = parse_train_reply(reply, cid, partition, self.global_lora, trainable, version,
-                                                 self.limits)
-                self.method.validate(self.global_lora, [update])
+                                                 self.limits, rank=rank, scaling=self.client_scaling(rank))
+                self.method.validate(self.global_lora, [update], self.setup.scaling)
             except Exception as error:
                 rejected[cid] = str(error) or type(error).__name__
                 log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, rejected[cid])
                 continue
             node = self.nodes.holder(partition)
             if node is not None:
-                node.version = version
+                node.version, node.needs_own = version, False
+            if self.method.local:
+                self.kept[cid] = self.method.local_state(update)
             accepted.append((partition, update, loss))
         if len(accepted) < self.min_clients:
             raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="
@@ -257,9 +271,26 @@ class LoraStrategy(Strategy, driver.Engine):
         }
         return driver.ClientRound([u for _, u, _ in accepted], [loss for _, _, loss in accepted], measured)
 
+    def client_scaling(self, rank: int) -> float:
+        """The LoRA scaling of a client of ``rank``, as PEFT sets it (``α/r``, or ``α/√r`` with rsLoRA)."""
+        if rank == self.config.lora_r:
+            return self.setup.scaling
+        return self.config.lora_alpha / (math.sqrt(rank) if self.config.rslora else rank)
+
     def restore(self, out: Path, done: int) -> None:
         self.backbone_log = BackboneLog.load(out / BACKBONE_LOG, done)
         log(INFO, "resuming after round %d", done)
+
+    def after_start(self, result: Aggregate) -> None:
+        """The method's start becomes the log's first entry: every node applies it before it trains."""
+        self.backbone_log.begin(result.backbone)
+
+    def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
+        return self.kept
+
+    def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+        self.kept = {client: {factor: dict(layers) for factor, layers in factors.items()}
+                     for client, factors in state.items()}
 
     def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
                     out: Path) -> None:

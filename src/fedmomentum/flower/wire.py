@@ -3,7 +3,9 @@
 Everything travels as float32 numpy arrays (numpy has no bfloat16). Keys:
 
 - adapter factors: ``"<layer>/A"`` and ``"<layer>/B"`` (PEFT shapes ``(r, in)`` and ``(out, r)``); a train
-  message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it;
+  message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it, and a
+  client's own kept factors (FedSA-LoRA's ``B``) as ``own`` when its node lost them; a reply carries the factors
+  the client trained, at the client's own rank;
 - backbone deltas: ``"<round>/<layer>/L"`` and ``"<round>/<layer>/R"``, the factors of ``D = L @ R`` that the
   aggregation of ``round`` (0-based) produced; a round without a delta has no keys.
 
@@ -66,14 +68,42 @@ def split_factors(record: ArrayRecord) -> dict[str, ArrayRecord]:
             for factor in ("A", "B")}
 
 
-def adapter_digest(lora: dict[str, LoraPair]) -> str:
-    """A hash of the adapter's float32 values: the client checks that the adapter it assembled is the server's."""
+def factor_digest(lora: dict[str, LoraPair], factor: str) -> str:
+    """A hash of one factor ("A" or "B") of the adapter, as float32: the client checks that each global factor it
+    assembled (kept from an earlier round, or sent now) is the server's."""
+    return layers_digest({name: getattr(pair, factor) for name, pair in lora.items()})
+
+
+def layers_digest(layers: dict[str, torch.Tensor]) -> str:
+    """A hash of ``{layer: tensor}`` as float32 values (what travels)."""
     digest = hashlib.sha256()
-    for name in sorted(lora):
-        for factor in (lora[name].A, lora[name].B):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(factor.detach().to("cpu", torch.float32).numpy()).tobytes())
+    for name in sorted(layers):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(layers[name].detach().to("cpu", torch.float32).numpy()).tobytes())
     return digest.hexdigest()[:32]
+
+
+def own_digest(own: dict[str, dict[str, torch.Tensor]] | None) -> str:
+    """A hash of what a client keeps between rounds (``{factor: {layer: tensor}}``, ``Method.local_state``); ``""``
+    for nothing."""
+    if not own:
+        return ""
+    return "".join(f"{factor}:{layers_digest(own[factor])};" for factor in sorted(own))
+
+
+def own_to_record(own: dict[str, dict[str, torch.Tensor]]) -> ArrayRecord:
+    """A client's kept factors (``{factor: {layer: tensor}}``) as an ``ArrayRecord`` keyed ``<layer>/<factor>``."""
+    return ArrayRecord({f"{name}/{factor}": _array(value) for factor, layers in own.items()
+                        for name, value in layers.items()})
+
+
+def record_to_own(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
+    """``{factor: {layer: tensor}}`` back from ``own_to_record``."""
+    own: dict[str, dict[str, torch.Tensor]] = {}
+    for name, factors in record_to_factors(record).items():
+        for factor, value in factors.items():
+            own.setdefault(factor, {})[name] = value
+    return own
 
 
 def deltas_to_record(log: dict[int, dict[str, LowRank]]) -> ArrayRecord:
