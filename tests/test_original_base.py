@@ -127,3 +127,21 @@ def test_no_adapter_for_the_original_base_when_the_backbone_did_not_change(tmp_p
     summary = simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
     assert driver.FOR_ORIGINAL_BASE not in summary
     assert not (tmp_path / "run" / driver.FOR_ORIGINAL_BASE).exists()
+
+
+def test_a_bfloat16_base_with_the_adapter_is_the_merged_model_up_to_one_rounding(tmp_path, tiny_model, small_config):
+    """With ``dtype=bfloat16`` the backbone is kept in float32 masters and ``merged/`` is it rounded once to bf16: the
+    original bf16 base + the adapter gives the same logits up to that rounding, far below what the run changed."""
+    original = copy.deepcopy(tiny_model[0]).to(torch.bfloat16)
+    config = small_config(tmp_path / "run", method="fedmomentum", dtype="bfloat16", export_merged=True,
+                          accuracy_per_family=0)
+    simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
+    out = tmp_path / "run"
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.bfloat16)
+    assert merged_model.dtype == torch.bfloat16
+    merged = logits(merged_model, ids).float()
+    adapted = logits(PeftModel.from_pretrained(copy.deepcopy(original), out / driver.FOR_ORIGINAL_BASE), ids).float()
+    changed = (logits(original, ids).float() - merged).abs().max()
+    assert changed > 0.05
+    assert (adapted - merged).abs().max() < 0.05 * changed
