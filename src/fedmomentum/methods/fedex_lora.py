@@ -10,7 +10,8 @@ import torch
 
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank, UpdateError
-from .base import Method, mean
+from .base import Method
+from .shared import mean
 
 
 def _pad(pair: LoraPair, rank: int) -> LoraPair:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method, fedit_noise, mean
+from .base import Method
+from .shared import fedit_noise, mean
 
 
 class FedIT(Method):

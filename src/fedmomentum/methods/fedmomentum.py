@@ -25,7 +25,8 @@ import torch
 
 from ..linalg import SVD_KINDS, Terms, compress, energy_rank, lowrank_norm, numerical_rank
 from ..types import LowRank
-from .base import SPLITS, Method, adapter_from_svd
+from .base import Method
+from .shared import SPLITS, adapter_from_svd
 
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,7 +13,8 @@ the average of the client models (``noise_norm``); each client's own model is ``
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method, fedit_noise, mean
+from .base import Method
+from .shared import fedit_noise, mean
 
 
 class FedSALoRA(Method):

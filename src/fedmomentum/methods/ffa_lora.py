@@ -6,7 +6,8 @@ With a shared ``A``, ``Σ p_i B_i A = (Σ p_i B_i) A``: exact, at the price of h
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method, mean
+from .base import Method
+from .shared import mean
 
 
 class FFALoRA(Method):

@@ -6,7 +6,8 @@ Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energ
 from __future__ import annotations
 
 from ..linalg import SVD_KINDS, Terms, numerical_rank
-from .base import SPLITS, Method, adapter_from_svd
+from .base import Method
+from .shared import SPLITS, adapter_from_svd
 
 
 class FlexLoRA(Method):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from ..linalg import compress, dense_svd, randomized_svd
 from ..types import Aggregate, LoraPair, LowRank
-from .base import Method, adapter_from_svd, fedit_noise, mean, product_sum
+from .base import Method
+from .shared import adapter_from_svd, fedit_noise, mean, product_sum
 
 AVERAGES = ("factors", "products")
 INIT_SVDS = ("dense", "randomized")

@@ -6,7 +6,8 @@ The frozen factor is the same on every client, so the average of the products is
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method, mean
+from .base import Method
+from .shared import mean
 
 
 class RoLoRA(Method):

@@ -1,0 +1,22 @@
+"""``fedmomentum study``: a grid of ordinary runs over cells and seeds, resumable, summarised against a baseline.
+
+A study file (TOML or YAML) holds:
+
+- ``[base]``: RunConfig keys shared by every run;
+- ``[grid]``: RunConfig keys mapped to lists, crossed (``seed`` among them; a method option as
+  ``method_options.<name> = [...]``, or ``method_options = [{...}, {...}]``, a list of option tables);
+- ``[[cell]]`` (optional): tables of RunConfig keys, each one cell (``name`` labels it), crossed with ``[grid]``;
+  for cells that differ in more than one key, e.g. FedIT beside FedMomentum variants;
+- ``baseline``: the cell the others are compared with, as the values that pick it out (``{method = "fedit"}``)
+  or a cell's name; ``target_loss`` (optional): for rounds to that eval loss; ``name`` (optional): a title.
+
+Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
+read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
+"""
+
+from .runner import RunResult, claim, execute, release, run_folder, state
+from .spec import Cell, Study, StudyError, load
+from .summary import Band, CellSummary, Interval, curves, interval, run_metrics, summarize, write
+
+__all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
+           "execute", "interval", "load", "release", "run_folder", "run_metrics", "state", "summarize", "write"]

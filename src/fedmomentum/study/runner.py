@@ -1,0 +1,157 @@
+"""Running a study: every cell × seed as a normal run folder, finished runs read back, interrupted ones resumed,
+one process per run at a time (a lock file), a failed run reported while the grid goes on."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config as config_io
+from ..config import RunConfig
+from ..records import read_metrics
+from .spec import Cell, Study
+
+
+@dataclass
+class RunResult:
+    """A finished (or failed) run of a study: its summary and per-round rows, or the error."""
+
+    cell: Cell
+    seed: int
+    folder: Path
+    summary: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    error: str | None = None
+    redone: bool = False  # trained (or resumed) in this call, not read back
+
+
+def run_folder(out: Path, cell: Cell, seed: int) -> Path:
+    return out / "runs" / cell.folder / f"seed-{seed}"
+
+
+def claim(folder: Path) -> bool:
+    """Take the run in ``folder`` for this process (a ``seed-<k>.lock`` file beside it holding our pid); ``False``
+    when another live process holds it. So the same study started twice uses two cores without running a run twice;
+    a lock left by a process that died is taken over."""
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text(encoding="utf-8").strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner > 0 and owner != os.getpid() and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(folder: Path) -> None:
+    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def state(folder: Path, config: RunConfig) -> str:
+    """``"done"`` (a summary of all its rounds), ``"partial"`` (a checkpoint to resume from), ``"started"`` (stopped
+    before its first checkpoint: ``driver.run`` asked to resume starts it over) or ``"new"``.
+
+    A folder holding a run of other settings is an error rather than silently redone or mixed in.
+    """
+    from .. import rundir
+    from ..driver import CHECKPOINT
+
+    saved = folder / rundir.CONFIG
+    if not saved.is_file():
+        return "new"
+    try:  # through from_dict, so keys added to RunConfig since the run was written read as their defaults
+        old = config_io.from_dict({**json.loads(saved.read_text(encoding="utf-8")), "out": str(folder)})
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{saved} cannot be read ({error}); move the folder away to redo the run") from None
+    changed = config_io.differences(old.to_dict(), config.to_dict())
+    if changed:
+        raise ValueError(f"{folder} holds a run with other settings: {', '.join(changed)}; move it away or use "
+                         "another --out")
+    summary = folder / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("rounds") == config.rounds:
+        return "done"
+    return "partial" if (folder / CHECKPOINT).is_file() else "started"
+
+
+def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
+            verbose: bool = False) -> list[RunResult]:
+    """Run every cell × seed that is not finished in ``out``; a failed run is reported and the grid goes on.
+
+    A run that another live process is running (the same study started twice) is skipped and left out of the
+    results; run the study again once both have finished for the complete tables.
+    """
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    models: dict[tuple, tuple] = {}  # (model, device) → the loaded base model, copied for every run
+    results: list[RunResult] = []
+    total = len(study.cells) * len(study.seeds)
+    started = time.perf_counter()
+    for index, (cell, seed) in enumerate(itertools.product(study.cells, study.seeds), 1):
+        result = RunResult(cell, seed, run_folder(out, cell, seed))
+        where = f"[{index}/{total}] {cell.label} seed {seed}"
+        try:
+            config = study.config(cell, seed, result.folder)
+            if state(result.folder, config) != "done":
+                if not claim(result.folder):
+                    log(f"{where}: running in another process, skipped")
+                    continue
+                try:
+                    status = state(result.folder, config)  # again: it may have finished before we claimed it
+                    if status != "done":
+                        doing = {"partial": "resuming", "started": "starting over"}.get(status, "starting")
+                        log(f"{where}: {doing} ({config.rounds} rounds)")
+                        seconds = _train(config, status != "new", models, verbose)
+                        result.redone = True
+                        log(f"{where}: finished in {seconds:.0f} s (study {time.perf_counter() - started:.0f} s "
+                            "so far)")
+                finally:
+                    release(result.folder)
+            else:
+                log(f"{where}: already finished, read back")
+            result.summary = json.loads((result.folder / "summary.json").read_text(encoding="utf-8"))
+            result.rows = read_metrics(result.folder)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - one failed run must not stop the grid
+            result.error = f"{type(error).__name__}: {error}".splitlines()[0]
+            log(f"{where}: FAILED: {result.error}")
+        results.append(result)
+    return results
+
+
+def _train(config: RunConfig, resume: bool, models: dict, verbose: bool) -> float:
+    """Run (or resume) one run with the shared run loop, on a fresh copy of the base model; the seconds it took."""
+    from ..models import load_model
+    from ..simulation import run as run_simulation
+
+    key = (config.model, config.device)
+    if key not in models:
+        models[key] = load_model(config.model, device=config.device)
+    model, tokenizer = models[key]
+    started = time.perf_counter()
+    run_simulation(config, model=copy.deepcopy(model), tokenizer=tokenizer, resume=resume, quiet=not verbose)
+    return time.perf_counter() - started
