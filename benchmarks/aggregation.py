@@ -196,12 +196,12 @@ def main(argv=None):
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     print(f"device: {device.type} ({where}); torch {torch.__version__}")
     print(f"dense routes and errors on {n_dense} layer(s); errors are ‖route − sΣpBA‖_F / ‖sΣpBA‖_F vs float64\n")
-    print(f"{'route':<34}{'per layer':>12}{'batched is':>14}{'rel. error':>13}")
+    print(f"{'route':<34}{'per layer':>12}{'batched is':>18}{'rel. error':>13}")
     labels = {"batched": "factored SVD, batched by shape", "per layer": "factored SVD, per layer",
               "dense": "dense exact (linalg.svd)", "randomized": f"dense randomized (q={q_randomized})"}
     for route, (seconds, err) in summary.items():
         speedup = "" if route == "batched" else f"{seconds / per_layer:,.2f}× faster"
-        print(f"{labels[route]:<34}{fmt_time(seconds):>12}{speedup:>14}{err:>13.2e}")
+        print(f"{labels[route]:<34}{fmt_time(seconds):>12}{speedup:>18}{err:>13.2e}")
     print(f"\nwhole round ({args.layers} layers), best / median of {args.repeats}, the routes timed alternately:")
     for route in ("per layer", "batched"):
         cpu = f", CPU {min(cpu_times[route]):.3f} s" if device.type == "cpu" else ""
