@@ -74,7 +74,7 @@ def evaluate(setup, accuracy: bool) -> dict:
     record: dict = {}
     if setup.eval_data:  # none: evaluation is off (a Flower server without held-out data)
         losses = family_losses(setup.model, setup.eval_data, batch_size=config.eval_batch_size,
-                                   pad_id=setup.tokenizer.pad_token_id)
+                               pad_id=setup.tokenizer.pad_token_id)
         record = {"eval_loss": sum(losses.values()) / len(losses), **{f"loss/{f}": v for f, v in losses.items()}}
     if accuracy and config.accuracy_per_family and setup.accuracy_examples:
         scores = family_accuracy(setup.model, setup.tokenizer, setup.accuracy_examples,
