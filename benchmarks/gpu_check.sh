@@ -76,6 +76,11 @@ PY
 make_model() {  # shape, folder (a bf16 random Llama saved with the SmolLM2 tokenizer)
   [[ -f "$2/config.json" ]] || python3 .device/make_model.py "$2" "$1"
 }
+throughput() {  # shape, seconds: client-training tokens/s, peak memory and the round split in bf16
+  stage "throughput-$1" "$2" python3 benchmarks/train_throughput.py --shape "$1" --device cuda --dtype bfloat16 \
+    --rounds 2 --local-steps 8 --tokenizer .device/tok --json "$OUT/throughput-$1.json"
+  tail -4 "$OUT/throughput-$1.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
+}
 export -f note cli_run make_model fedmomentum
 
 for s in "${STAGES[@]}"; do
@@ -90,19 +95,13 @@ for s in "${STAGES[@]}"; do
       stage make-1b 180 make_model 1b /tmp/m1b
       stage run-1b-fedmomentum 240 cli_run fedmomentum /tmp/m1b
       stage run-1b-fedit 240 cli_run fedit /tmp/m1b ;;
-    throughput-1b)
-      stage throughput-1b 240 python3 benchmarks/train_throughput.py --shape 1b --device cuda --dtype bfloat16 \
-        --rounds 2 --local-steps 8 --tokenizer .device/tok --json "$OUT/throughput-1b.json"
-      tail -4 "$OUT/throughput-1b.txt" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
+    throughput-1b) throughput 1b 240 ;;
     run-7b)
       rm -rf /tmp/m1b
       stage make-7b 300 make_model 7b /tmp/m7b
       stage run-7b-fedmomentum 420 cli_run fedmomentum /tmp/m7b
       stage run-7b-fedit 420 cli_run fedit /tmp/m7b ;;
-    throughput-7b)
-      stage throughput-7b 300 python3 benchmarks/train_throughput.py --shape 7b --device cuda --dtype bfloat16 \
-        --rounds 2 --local-steps 8 --tokenizer .device/tok --json "$OUT/throughput-7b.json"
-      tail -4 "$OUT/throughput-7b.txt" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
+    throughput-7b) throughput 7b 300 ;;
     tests)
       stage tests 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
       tail -2 "$OUT/tests.txt" | sed 's/^/  /' | tee -a "$SUMMARY" ;;

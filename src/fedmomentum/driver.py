@@ -73,11 +73,14 @@ class Engine:
         before round 0."""
 
     def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
-        """What the clients keep between rounds (client id → factor → layer → tensor), for the checkpoint."""
-        return {}
+        """What the clients keep between rounds (client id → factor → layer → tensor), for the checkpoint: an engine
+        with the "client_state" feature holds it in ``self.kept``."""
+        return getattr(self, "kept", {})
 
     def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
         """Resuming: what ``client_state`` returned when the checkpoint was written."""
+        self.kept = {client: {factor: dict(layers) for factor, layers in factors.items()}
+                     for client, factors in state.items()}
 
     def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
                     out: Path) -> None:

@@ -44,13 +44,6 @@ class InProcess(Engine):
             losses.append(loss)
         return ClientRound(updates, losses)
 
-    def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
-        return self.kept
-
-    def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
-        self.kept = {client: {factor: dict(layers) for factor, layers in factors.items()}
-                     for client, factors in state.items()}
-
 
 def default_out(config: RunConfig) -> RunConfig:
     return config if config.out else config.replace(out=f"runs/{config.method}")

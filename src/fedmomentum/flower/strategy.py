@@ -285,13 +285,6 @@ class LoraStrategy(Strategy, driver.Engine):
         """The method's start becomes the log's first entry: every node applies it before it trains."""
         self.backbone_log.begin(result.backbone)
 
-    def client_state(self) -> dict[str, dict[str, dict[str, Tensor]]]:
-        return self.kept
-
-    def load_client_state(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
-        self.kept = {client: {factor: dict(layers) for factor, layers in factors.items()}
-                     for client, factors in state.items()}
-
     def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
                     out: Path) -> None:
         """Log the round's delta (saved before the checkpoint: the log may run ahead of it, never behind)."""
