@@ -253,6 +253,46 @@ def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def contents(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_a_model_folder(model_dir, tmp_path):
+    """An HF model folder has a config.json too (of model keys): it is not a run."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "notes.md").write_text("my notes")
+    before = contents(folder)
+    one_line_error(invoke("run", *SMALL, "--out", folder, "--overwrite"), "--overwrite refused", "no run")
+    assert contents(folder) == before
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent"])
+def test_overwrite_never_deletes_the_working_directory_or_a_folder_above_it(tmp_path, monkeypatch, where):
+    """Even a folder that looks like a run (a run's config.json and metrics.jsonl) is kept when it is the working
+    directory or holds it."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    (project / "data.csv").write_text("a,b\n1,2\n")
+    (project / "config.json").write_text(json.dumps({"method": "fedit", "rounds": 1, "lora_r": 2, "clients": 2}))
+    (project / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.chdir(project if where == "cwd" else project / "src")
+    before = contents(project)
+    reason = "it is the working directory" if where == "cwd" else "the working directory is inside it"
+    one_line_error(invoke("run", *SMALL, "--out", project, "--overwrite"), "--overwrite refused", reason)
+    assert contents(project) == before
+
+
+def test_overwrite_never_deletes_the_home_folder(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    one_line_error(invoke("run", *SMALL, "--out", home, "--overwrite"), "it is the home folder")
+    assert (home / ".bashrc").read_text() == "mine"
+
+
 def test_a_run_that_stopped_before_its_first_round_resumes_from_scratch(tmp_path):
     out = tmp_path / "run"
     one_line_error(invoke("run", *SMALL, "--local-steps", "3", "--set", "lr=1e30", "--out", out))

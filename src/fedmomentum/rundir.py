@@ -1,7 +1,8 @@
 """A run's folder: never start over another run, write files whole or not at all, and name the file a write failed on.
 
-A new run starts only in a missing or empty folder, or, asked to overwrite, in a folder it clears whole (only one
-that holds a run's ``config.json``: ``--out . --overwrite`` never empties a working directory). Files are written
+A new run starts only in a missing or empty folder, or, asked to overwrite, in a folder it clears whole: only one
+that is recognisably a run (``is_run``), and never ``/``, the home folder, the working directory or a folder above
+it. Files are written
 to a temporary sibling and renamed over the old one, and the exports (``adapter/``, ``base/``, ``merged/``) are
 built aside and swapped in together, so a folder never mixes two runs. An operating-system error while writing
 (a full disk, no permission) is raised as an ``OSError`` naming the file.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -20,6 +22,35 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 CONFIG = "config.json"
+RUN_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a run has one of these beside its config
+RUN_KEYS = {"method", "rounds", "lora_r", "clients"}  # keys every run's config.json holds
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is recognisably a fedmomentum run: a ``config.json`` holding a run's keys, and a checkpoint
+    or a ``metrics.jsonl`` beside it or nothing else (a run that stopped before it evaluated anything). An HF model
+    folder has a ``config.json`` too, but of other keys."""
+    try:
+        values = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(values, dict) and RUN_KEYS <= values.keys()
+            and (any((folder / name).is_file() for name in RUN_FILES)
+                 or [entry.name for entry in folder.iterdir()] == [CONFIG]))
+
+
+def protected(folder: Path) -> str | None:
+    """Why ``folder`` must never be deleted whole (``/``, the home folder, the working directory or a folder above
+    it), or None."""
+    folder = folder.resolve()
+    if folder == Path(folder.anchor):
+        return "it is the root folder"
+    if folder == Path.home().resolve():
+        return "it is the home folder"
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents:
+        return "it is the working directory" if folder == cwd else "the working directory is inside it"
+    return None
 
 
 def check(out: Path, overwrite: bool = False, resume_flag: str | None = None) -> None:
@@ -32,8 +63,11 @@ def check(out: Path, overwrite: bool = False, resume_flag: str | None = None) ->
             how = resume_flag or f"--resume {out}"
             raise ValueError(f"{out} already holds a run or other files; continue it with {how}, replace it with "
                              "--overwrite, or choose another --out")
-        if not (out / CONFIG).is_file():
-            raise ValueError(f"--overwrite refused: {out} holds files but no run ({CONFIG}); empty it yourself or "
+        why = protected(out)
+        if why is None and not is_run(out):
+            why = f"it holds files but no run (a run has a {CONFIG} of run keys and {' or '.join(RUN_FILES)})"
+        if why is not None:
+            raise ValueError(f"--overwrite refused: {out} is not deleted because {why}; empty it yourself or "
                              "choose another --out")
 
 
