@@ -30,6 +30,8 @@ import torch
 
 from ..linalg import ProductSVD, Terms, svds
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, StateDict, Tensor, UpdateError
+from .server_opt import DEFAULT_BETAS, DEFAULT_LR, SERVER_OPTS, ServerOpt
+from .server_opt import PREFIX as OPT_PREFIX
 from .shared import at_rank
 
 WIRE_BYTES = 4  # float32 on the wire
@@ -54,10 +56,14 @@ class Method:
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
+    # where a server optimizer acts (``server_opt.py``): "factors" (the averaged factors) or "product" (W + s B A)
+    update_space: ClassVar[str] = "factors"
     svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
     backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
-    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
+    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True,
+                 server_opt: str = "none", server_lr: float | None = None, server_momentum: float = 0.9,
+                 server_betas: list[float] | None = None, server_eps: float = 1e-3):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         if dtype not in DTYPES:
@@ -68,6 +74,7 @@ class Method:
         self.dtype = DTYPES[dtype]
         self.seed = seed
         self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
+        self.server_opt = _server_opt(server_opt, server_lr, server_momentum, server_betas, server_eps)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -118,8 +125,11 @@ class Method:
             try:
                 if terms[name] is not None and name not in decomposed:
                     raise torch.linalg.LinAlgError(name)
+                own, moments = _split_state(layer_states.get(name, {}))
                 result = self.aggregate_layer(name, pair, clients[name], weights, scaling, t, decomposed.get(name),
-                                              layer_states.get(name, {}))
+                                              own)
+                if self.server_opt is not None:
+                    result = self._server_step(pair, result, scaling, t, moments)
             except torch.linalg.LinAlgError:
                 result = None
             self._check_result(name, result)
@@ -130,6 +140,22 @@ class Method:
             for slot, tensor in (result.state or {}).items():
                 new_state.setdefault(slot, {})[name] = tensor
         return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, t), new_state)
+
+    def _server_step(self, global_pair: LoraPair, result: LayerResult, scaling: float, t: int,
+                     moments: dict[str, Tensor]) -> LayerResult:
+        """``result`` after the server optimizer's step (``server_opt.py``), with its moments in the layer's state."""
+        opt, state, stats = self.server_opt, dict(result.state or {}), dict(result.stats or {})
+        if self.update_space == "product":
+            backbone, slots, momentum_rank = opt.product(global_pair, result.lora, result.backbone, scaling, moments)
+            lora = result.lora
+            stats["residual_rank"] = 0 if backbone is None else backbone.rank
+            if momentum_rank is not None:
+                stats["momentum_rank"] = momentum_rank
+        else:
+            lora, slots = opt.factors(global_pair, result.lora, self.shared(t), moments)
+            backbone = result.backbone
+        state.update(slots)
+        return LayerResult(lora, backbone, stats, state)
 
     def shared(self, t: int) -> dict[str, bool]:
         """Which global factors the server sends the clients after round ``t``: the trained ones, except those each
@@ -344,6 +370,35 @@ class Method:
             "uplink_bytes_per_client": uplink,
             "layers": per_layer,
         })
+
+
+def _server_opt(kind, lr, momentum, betas, eps) -> ServerOpt | None:
+    """The server optimizer of the options (None for ``none``); a bad value is a ``ValueError`` naming it."""
+    if kind not in SERVER_OPTS:
+        raise ValueError(f"server_opt must be one of {', '.join(SERVER_OPTS)}, got {kind!r}")
+    if lr is not None and not (_real(lr) and lr > 0):
+        raise ValueError(f"server_lr must be a finite number > 0, got {lr!r}")
+    if not (_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"server_momentum must be a number in [0, 1), got {momentum!r}")
+    betas = DEFAULT_BETAS if betas is None else betas
+    if not (isinstance(betas, list | tuple) and len(betas) == 2 and all(_real(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"server_betas must be two numbers in [0, 1), got {betas!r}")
+    if not (_real(eps) and eps > 0):
+        raise ValueError(f"server_eps must be a finite number > 0, got {eps!r}")
+    if kind == "none":
+        return None
+    return ServerOpt(kind, float(DEFAULT_LR[kind] if lr is None else lr), float(momentum),
+                     (float(betas[0]), float(betas[1])), float(eps))
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A layer's state as the method's own slots and the server optimizer's (``opt_…``)."""
+    own = {slot: t for slot, t in state.items() if not slot.startswith(OPT_PREFIX)}
+    return own, {slot: t for slot, t in state.items() if slot.startswith(OPT_PREFIX)}
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -24,6 +24,7 @@ def _pad(pair: LoraPair, rank: int) -> LoraPair:
 class FedExLoRA(Method):
     name = "fedex-lora"
     mixed_ranks = True
+    update_space = "product"  # a server optimizer acts on W + s B A (the factors and the error belong together)
 
     def check_ranks(self, global_rank, client_ranks):
         if max(client_ranks) > global_rank:

@@ -39,6 +39,7 @@ class FedMomentum(Method):
 
     name = "fedmomentum"
     mixed_ranks = True
+    update_space = "product"  # a server optimizer acts on W + s B A (its factors come from an SVD every round)
 
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
                  merge_every: int = 1, svd: str = "factored", compress_residual: bool = False,

@@ -14,6 +14,7 @@ class FlexLoRA(Method):
     name = "flexlora"
     exact = False
     mixed_ranks = True
+    update_space = "product"  # a server optimizer acts on W + s B A (its factors come from an SVD every round)
 
     def __init__(self, split: str = "balanced", svd: str = "factored", **common):
         super().__init__(**common)

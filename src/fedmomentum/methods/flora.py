@@ -13,6 +13,7 @@ from .base import LayerResult, Method
 class FLoRA(Method):
     name = "flora"
     mixed_ranks = True
+    update_space = "product"  # a server optimizer acts on W + s B A (the adapter restarts every round)
 
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], [scaling * w for w in weights])

@@ -31,6 +31,7 @@ class FRLoRA(Method):
 
     name = "frlora"
     uses_backbone = True
+    update_space = "product"  # a server optimizer acts on W + s B A (the adapter returns to (A₀, B₀))
 
     def __init__(self, average: str = "factors", init_svd: str = "dense", **common):
         super().__init__(**common)
