@@ -169,7 +169,7 @@ def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, t
 
 @pytest.mark.parametrize("method, changes", [("frlora", {}), ("fedsa-lora", {}),
                                              ("fedmomentum", {"client_ranks": [2, 6]}),
-                                             ("flexlora", {"client_ranks": [6, 2], "rslora": True})])
+                                             ("flexlora", {"client_ranks": [6, 2], "lora_r": 6, "rslora": True})])
 def test_2025_methods_and_mixed_ranks_on_flower_equal_fedmomentum_run(method, changes, tmp_path, reference,
                                                                       flower_config):
     """FRLoRA's start (a backbone delta before round 1), FedSA-LoRA's B kept on each node, and clients of other

@@ -358,7 +358,7 @@ def test_round_stats():
         assert stats["method"] == name and stats["round"] == 4 and stats["clients"] == 3
         assert stats["rank_kept"] == 3
         assert stats["residual_rank"] == sum(d.rank for d in agg.backbone.values())
-        trained = {"ffa-lora": "B", "rolora": "B"}.get(name, "AB")  # round 4 is even: RoLoRA trains B
+        trained = {"ffa-lora": "B", "rolora": "B", "frlora": "B"}.get(name, "AB")  # round 4 is even: RoLoRA trains B
         sent = sum(("B" in trained) * p.B.numel() + ("A" in trained) * p.A.numel() for p in updates[0].factors.values())
         assert stats["uplink_bytes_per_client"]["client-0"] == 4 * sent
         assert set(stats["layers"]) == set(global_lora)
@@ -400,7 +400,7 @@ def test_frlora_starts_from_the_principal_part_of_the_weights(init_svd, tol):
     global_lora, _ = make_round(30, 24, 18, [3], 3)
     weights = backbone_weights(30, global_lora)
     method = fm.methods.create("frlora", init_svd=init_svd)
-    assert method.uses_backbone and not method.exact
+    assert method.uses_backbone and method.exact  # A frozen at A₀: averaging B is exact
     start = method.start(global_lora, weights, scaling=SCALING)
     for layer, W in weights.items():
         W64 = np64(W)
@@ -416,14 +416,74 @@ def test_frlora_starts_from_the_principal_part_of_the_weights(init_svd, tol):
     assert fm.methods.create("fedmomentum").start(global_lora, weights, scaling=SCALING) is None
 
 
+@pytest.mark.parametrize("weight_rank", [0, 2])
+def test_frlora_starts_finite_from_a_weight_of_rank_below_r(weight_rank):
+    """A zero weight (the issue's case) or one of rank 2 < r = 4: the adapter takes the nonzero singular directions,
+    the other slots start like a LoRA init (B column 0, a fresh A row); nothing is NaN, and the model is unchanged."""
+    rng = np.random.default_rng(33)
+    W = torch.tensor(rng.standard_normal((16, weight_rank)) @ rng.standard_normal((weight_rank, 12)),
+                     dtype=torch.float32)
+    global_lora = {"l": fm.LoraPair(torch.rand(4, 12), torch.zeros(16, 4))}
+    start = fm.methods.create("frlora").checked_start(global_lora, {"l": W}, scaling=2.0)
+    pair, delta = start.lora["l"], start.backbone["l"]
+    assert all(bool(torch.isfinite(x).all()) for x in (pair.A, pair.B, delta.left, delta.right))
+    np.testing.assert_allclose(2.0 * np64(pair.B) @ np64(pair.A), np64(W), rtol=0,
+                               atol=F32 * max(1.0, float(np.linalg.norm(np64(W)))))  # rank(W) ≤ r: all of it
+    np.testing.assert_allclose(np64(delta.dense()), -np64(W), rtol=0, atol=F32 * max(1.0, np.linalg.norm(np64(W))))
+    assert np.all(np64(pair.B)[:, weight_rank:] == 0) and np.all(np.linalg.norm(np64(pair.A), axis=1) > 0)
+    # the issue's call, verbatim
+    issue = fm.methods.create("frlora").start({"l": fm.LoraPair(torch.rand(8, 16), torch.zeros(16, 8))},
+                                              {"l": torch.zeros(16, 16)}, scaling=2.0)
+    assert all(bool(torch.isfinite(x).all()) for x in (issue.lora["l"].A, issue.lora["l"].B))
+
+
+def test_a_start_that_is_not_finite_is_refused():
+    global_lora = {"model.layers.0.q_proj": fm.LoraPair(torch.rand(2, 6), torch.zeros(5, 2))}
+    W = torch.ones(5, 6)
+    W[1, 2] = float("nan")
+    with pytest.raises(fm.UpdateError, match=r"frlora's start, layer 'model.layers.0.q_proj': .* not finite"):
+        fm.methods.create("frlora", init_svd="randomized").checked_start(global_lora, {"model.layers.0.q_proj": W},
+                                                                         scaling=1.0)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "examples"])
+def test_frlora_by_default_trains_B_only_as_the_authors_script(weighting):
+    """The authors' recipe (``lora_A`` frozen at ``A₀``; their script weighs clients uniformly): three rounds against
+    a float64 replay, ``W ← W + s(Σ p_i B_i − B₀) A₀``, which is also the average of the client models."""
+    global_lora, _ = make_round(34, 26, 20, [3], 3)
+    W0 = backbone_weights(34, global_lora)
+    method = fm.methods.create("frlora", weighting=weighting)
+    assert method.trainable(1) == {"A": False, "B": True} and method.exact
+    start = method.start(global_lora, W0, scaling=SCALING)
+    reference = {layer: np64(W) for layer, W in W0.items()}
+    model = {layer: np64(W) for layer, W in W0.items()}
+    for t in range(1, 4):
+        _, updates = make_round(50 + t, 26, 20, [3, 3, 3], 3, examples=[3, 30, 8])
+        updates = [fm.ClientUpdate({n: fm.LoraPair(start.lora[n].A.clone(), p.B) for n, p in u.factors.items()},
+                                   u.num_examples, u.client_id) for u in updates]  # A frozen on every client
+        p = weights_of(updates, weighting)
+        agg = method.aggregate(start.lora, updates, scaling=SCALING, t=t)
+        assert agg.stats["uplink_bytes"] == 4 * sum(pair.B.numel() for pair in start.lora.values())
+        for layer, init in start.lora.items():
+            mean_B = sum(w * np64(u.factors[layer].B) for w, u in zip(p, updates, strict=True))
+            expected = SCALING * (mean_B - np64(init.B)) @ np64(init.A)
+            delta = np64(agg.backbone[layer].dense())
+            np.testing.assert_allclose(delta, expected, rtol=0, atol=F32 * np.linalg.norm(expected))
+            assert agg.backbone[layer].rank <= 3 and "noise_norm" not in agg.stats["layers"][layer]
+            model[layer] += delta
+            reference[layer] += target(updates, layer, p) - SCALING * np64(init.B) @ np64(init.A)
+    for layer in W0:
+        assert rel(model[layer], reference[layer]) < 1e-5  # the average of the client models, round after round
+
+
 @pytest.mark.parametrize("average", ["factors", "products"])
 def test_frlora_folds_the_round_into_the_backbone_and_restarts_at_the_same_init(average):
     """Three rounds against a float64 replay of the rule: ``W ← W + s(B̄Ā − B₀A₀)`` (``factors``, FedAvg of the
     factors as in the authors' code) or ``s(Σp BA − B₀A₀)`` (``products``), adapter back to ``(A₀, B₀)``."""
     global_lora, _ = make_round(31, 26, 20, [3], 3)
     W0 = backbone_weights(31, global_lora)
-    method = fm.methods.create("frlora", average=average)
-    assert method.exact == (average == "products")
+    method = fm.methods.create("frlora", average=average, train_A=True)
+    assert method.exact == (average == "products") and method.trainable(1) == {"A": True, "B": True}
     start = method.start(global_lora, W0, scaling=SCALING)
     backbone = {layer: np64(W) + np64(start.backbone[layer].dense()) for layer, W in W0.items()}
     reference = {layer: np64(W) for layer, W in W0.items()}  # the full model W + s B A, replayed in float64
@@ -588,15 +648,22 @@ def test_flexlora_redistributes_at_each_client_rank():
         start = method.client_start(agg.lora, rank=rank, scaling=ALPHA / rank, global_scaling=s)
         got = ALPHA / rank * np64(start[layer].B) @ np64(start[layer].A)
         assert rel(got, truncated(M, rank)) < 1e-4
+    # a client above the global rank would get the kept 8 components zero-padded, not its top 12: refused
+    assert np.linalg.matrix_rank(M) > 8
+    with pytest.raises(ValueError, match="could not get its top 12"):
+        method.client_start(agg.lora, rank=12, scaling=ALPHA / 12, global_scaling=s)
 
 
 def test_check_ranks():
     fm.methods.create("flora").check_ranks(4, [2, 8])
     fm.methods.create("fedmomentum").check_ranks(4, [2, 8])
     fm.methods.create("fedex-lora").check_ranks(8, [2, 8])
+    fm.methods.create("flexlora").check_ranks(8, [2, 8])
     fm.methods.create("fedit").check_ranks(4, [4, 4])
     with pytest.raises(ValueError, match="must not exceed"):
         fm.methods.create("fedex-lora").check_ranks(4, [2, 8])
+    with pytest.raises(ValueError, match="could not get its top 8: set lora_r to the largest client rank"):
+        fm.methods.create("flexlora").check_ranks(4, [2, 8])
     for name in ("fedit", "ffa-lora", "rolora", "frlora", "fedsa-lora"):
         with pytest.raises(ValueError, match=f"{name} needs every client at the global rank 4; it cannot mix"):
             fm.methods.create(name).check_ranks(4, [4, 8])

@@ -437,4 +437,6 @@ def test_text_options_are_converted_by_their_declared_type():
     with pytest.raises(ValueError, match=r"fedmomentum option residual_energy = 'abc': expected a finite number"):
         fm.methods.parse_options("fedmomentum", {"residual_energy": "abc"})
     assert fm.methods.option_types("flexlora") == {"split": str, "svd": str, "weighting": str, "dtype": str,
-                                                   "seed": int, "batched": bool}
+                                                   "seed": int, "batched": bool, "server_opt": str,
+                                                   "server_lr": float | None, "server_momentum": float,
+                                                   "server_betas": list[float] | None, "server_eps": float}

@@ -189,7 +189,7 @@ def start(setup: Setup, engine: Engine) -> ServerState:
     state = ServerState(0, get_lora(setup.model), backbone=backbone_of(setup.model), change=BackboneChange())
     if not setup.method.uses_backbone:
         return state
-    result = setup.method.start(state.lora, BackboneWeights(setup.model), scaling=setup.scaling)
+    result = setup.method.checked_start(state.lora, BackboneWeights(setup.model), scaling=setup.scaling)
     if result is None:
         return state
     apply_backbone(setup.model, result.backbone, state.backbone)

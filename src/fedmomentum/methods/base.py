@@ -170,6 +170,27 @@ class Method:
         Called only when ``uses_backbone`` is set."""
         return None
 
+    def checked_start(self, global_lora: dict[str, LoraPair], weights: Mapping[str, Tensor], *,
+                      scaling: float) -> Aggregate | None:
+        """``start``, its result checked like every aggregate: an adapter or backbone delta that is not finite (a
+        backbone weight holding NaN or Inf) is an ``UpdateError`` naming the layer, never applied."""
+        def refuse(name: str) -> UpdateError:
+            return UpdateError(f"{self.name}'s start, layer {name!r}: the initial adapter or backbone delta is not "
+                               "finite (check the model's weights for NaN or Inf)")
+
+        try:
+            result = self.start(global_lora, weights, scaling=scaling)
+        except torch.linalg.LinAlgError:  # an SVD of a weight holding NaN or Inf
+            bad = next((name for name in global_lora if not _all_finite([weights[name]])), next(iter(global_lora)))
+            raise refuse(bad) from None
+        if result is None:
+            return None
+        for name, pair in result.lora.items():
+            delta = result.backbone.get(name)
+            if not _all_finite([pair.A, pair.B] + ([] if delta is None else [delta.left, delta.right])):
+                raise refuse(name)
+        return result
+
     def client_start(
         self,
         global_lora: dict[str, LoraPair],

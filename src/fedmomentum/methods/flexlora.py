@@ -1,6 +1,12 @@
 """FlexLoRA: truncated SVD of the exact ``Σ p_i B_i A_i`` to the global rank; the tail is dropped.
 
 Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energy_dropped``).
+
+Clients of other ranks (FlexLoRA's point): each client of rank ``r_k`` starts from the top ``r_k`` components of
+the aggregate (``Method.client_start``), as FederatedScope redistributes it. The global adapter keeps the top ``r``
+(``lora_r``), so client ranks may not exceed it: a client above would get only those ``r`` components, zero-padded.
+With ``lora_r`` = the largest client rank, every client's top-``r_k`` part of the kept adapter is the top-``r_k``
+part of the whole aggregate.
 """
 
 from __future__ import annotations
@@ -23,6 +29,19 @@ class FlexLoRA(Method):
         if svd not in SVD_KINDS:
             raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
         self.split, self.svd = split, svd
+
+    def check_ranks(self, global_rank, client_ranks):
+        if max(client_ranks) > global_rank:
+            raise ValueError(f"{self.name} keeps the aggregate's top lora_r = {global_rank} components, so a client "
+                             f"of rank {max(client_ranks)} could not get its top {max(client_ranks)}: set lora_r to "
+                             "the largest client rank")
+
+    def client_start(self, global_lora, *, own=None, rank=None, scaling=None, global_scaling=None, t=1):
+        above = [name for name, pair in global_lora.items() if rank is not None and rank > pair.rank]
+        if above:
+            self.check_ranks(global_lora[above[0]].rank, [rank])
+        return super().client_start(global_lora, own=own, rank=rank, scaling=scaling, global_scaling=global_scaling,
+                                    t=t)
 
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # Σ p_i B_i A_i

@@ -9,14 +9,20 @@ grows in rank), and re-initialises the adapter to ``(A₀, B₀)``: the principa
 pre-trained weights, the same every round, which calibrates the clients' drift.
 
 This follows the authors' public code: the SVD is of the pre-trained weights, taken once; top-``r`` singular
-directions; ``√(S/s)`` on each side; factors averaged separately (their script also weighs clients uniformly:
-``weighting="uniform"``). ``average="products"`` folds the exact ``s(Σ p_i B_i A_i − B₀ A₀)`` instead (then the
-new global model is exactly the weighted average of the client models; not in the paper).
+directions; ``√(S/s)`` on each side; factors averaged separately. Their released script trains only ``B`` (``lora_A``
+frozen at ``A₀``), the default here (``train_A=False``): every client then holds the same ``A₀``, so the average of
+the factors is the average of the client models, ``s(B̄ − B₀) A₀`` of rank ``r``. ``train_A=True`` trains both as the
+paper's text describes; averaging the factors then misses ``Σ p_i B_i A_i`` (``noise_norm``), and
+``average="products"`` folds the exact ``s(Σ p_i B_i A_i − B₀ A₀)`` instead (not in the paper). Their script also
+weighs clients uniformly: the run's ``weighting="uniform"``.
+
+A weight whose rank is below ``r`` (a zero weight, say) has fewer than ``r`` nonzero singular values: the adapter
+takes those, and its other slots start as a LoRA init does (``B`` column 0, a fresh ``A`` row).
 """
 
 from __future__ import annotations
 
-from ..linalg import compress, dense_svd, randomized_svd
+from ..linalg import compress, dense_svd, numerical_rank, randomized_svd
 from ..types import Aggregate, LoraPair, LowRank
 from .base import LayerResult, Method
 from .shared import adapter_from_svd, fedit_noise, mean, product_sum
@@ -26,24 +32,30 @@ INIT_SVDS = ("dense", "randomized")
 
 
 class FRLoRA(Method):
-    """Options: ``average`` (``factors``: the paper's FedAvg of A and B; ``products``: exact), ``init_svd``
-    (``dense``: exact SVD of each weight; ``randomized``: ``torch.svd_lowrank``, faster on large layers)."""
+    """Options: ``train_A`` (False: ``A`` frozen at ``A₀``, the authors' script; True: both factors), ``average``
+    (``factors``: the paper's FedAvg of A and B; ``products``: exact), ``init_svd`` (``dense``: exact SVD of each
+    weight; ``randomized``: ``torch.svd_lowrank``, faster on large layers)."""
 
     name = "frlora"
     uses_backbone = True
     update_space = "product"  # a server optimizer acts on W + s B A (the adapter returns to (A₀, B₀))
 
-    def __init__(self, average: str = "factors", init_svd: str = "dense", **common):
+    def __init__(self, train_A: bool = False, average: str = "factors", init_svd: str = "dense", **common):
         super().__init__(**common)
+        if not isinstance(train_A, bool):
+            raise ValueError(f"train_A must be true or false, got {train_A!r}")
         if average not in AVERAGES:
             raise ValueError(f"average must be one of {', '.join(AVERAGES)}, got {average!r}")
         if init_svd not in INIT_SVDS:
             raise ValueError(f"init_svd must be one of {', '.join(INIT_SVDS)}, got {init_svd!r}")
-        self.average, self.init_svd = average, init_svd
+        self.train_A, self.average, self.init_svd = train_A, average, init_svd
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
-        return self.average == "products"
+        return self.average == "products" or not self.train_A
+
+    def trainable(self, t):
+        return {"A": self.train_A, "B": True}
 
     def shared(self, t):
         """Nothing of the adapter: it is ``(A₀, B₀)`` every round, which the clients have had since the start; they
@@ -65,8 +77,9 @@ class FRLoRA(Method):
             else:  # oversampled by 10, as randomized SVDs usually are, then cut to r
                 U, S, Vh = randomized_svd(W, min(rank + 10, *W.shape), niter=4, seed=self.seed)
                 U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
-            S = S / scaling  # s B₀ A₀ = U_r S_r V_rᵀ
-            new = adapter_from_svd(U * S, S, Vh, rank, "balanced",
+            alive = numerical_rank(S, tuple(W.shape))  # zero singular values have no direction to take
+            S = S[:alive] / scaling  # s B₀ A₀ = U_r S_r V_rᵀ
+            new = adapter_from_svd(U[:, :alive] * S, S, Vh[:alive], rank, "balanced",
                                    lambda n, name=name, k=pair.shape[1]: self.fresh_A(name, n, k, 0))
             lora[name] = LoraPair(new.A.to(pair.A.device), new.B.to(pair.A.device))
             backbone[name] = LowRank((-scaling * new.B).to(pair.A.device), lora[name].A)
@@ -79,7 +92,10 @@ class FRLoRA(Method):
         init = global_pair  # (A₀, B₀): every client started from it, and the adapter goes back to it
         back = LowRank(-scaling * init.B, init.A)
         stats = {"rank": init.rank}
-        if self.average == "factors":
+        if not self.train_A:  # every client holds A₀: s Σ p_i B_i A₀ − s B₀ A₀ = s (B̄ − B₀) A₀
+            B = mean([c.B for c in clients], weights)
+            update = LowRank(scaling * (B - init.B), init.A)
+        elif self.average == "factors":
             A, B = mean([c.A for c in clients], weights), mean([c.B for c in clients], weights)
             update = LowRank(scaling * B, A) + back
             stats["noise_norm"] = fedit_noise(clients, weights, LoraPair(A, B), scaling)
