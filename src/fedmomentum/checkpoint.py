@@ -1,6 +1,6 @@
 """Checkpoints: a ``ServerState`` as one safetensors file (``state.py``): the rounds done, the adapter, the adapted
-layers' backbone, the method's state, what the clients keep between rounds and the backbone's whole change, plus
-JSON metadata (the config, the seconds spent).
+layers' backbone, the method's state, what the clients keep between rounds, SCAFFOLD's server variate and the
+backbone's whole change, plus JSON metadata (the config, the seconds spent).
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -33,6 +33,7 @@ def save(path: str | Path, state: ServerState, info: dict) -> None:
         tensors[f"lora.B.{name}"] = pair.B
     tensors.update({f"backbone.{name}": weight for name, weight in state.backbone.items()})
     tensors.update(_flatten("method", state.method))
+    tensors.update(_flatten("control", state.control))
     for index, kept in enumerate(state.clients.values()):  # ids (any text) go in the metadata
         tensors.update(_flatten(f"client.{index}", kept))
     for name, delta in (state.change.deltas if state.change is not None else {}).items():
@@ -87,6 +88,7 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         rounds_done=rounds,
         lora=lora,
         method=_unflatten(tensors, "method", path),
+        control=_unflatten(tensors, "control", path),
         clients=clients,
         backbone={k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
         change=change,

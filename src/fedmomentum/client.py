@@ -1,4 +1,5 @@
-"""Local training of one client: start from the global adapter, train the factors the method allows.
+"""Local training of one client: start from the global adapter, train the factors the method allows, with FedProx's
+proximal term or SCAFFOLD's control variates when asked (``corrections.py``).
 
 Used unchanged by the in-process simulation and by the Flower ClientApp, so both give the same numbers.
 """
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
+from . import corrections
 from .data.formatting import IGNORE_INDEX, collate
-from .peft_io import ADAPTER, active_adapter, get_lora, rank_adapter, scaling, set_lora, set_trainable
-from .types import ClientUpdate, LoraPair, StateDict
+from .peft_io import ADAPTER, active_adapter, get_lora, lora_layers, rank_adapter, scaling, set_lora, set_trainable
+from .types import ClientUpdate, LoraPair, StateDict, Tensor
 
 
 @dataclass
@@ -30,6 +32,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: bool = False
+    prox_mu: float = 0.0  # FedProx: μ of the proximal term μ/2 ‖w − w₀‖² on the trained factors (0: none)
+    scaffold: bool = False  # SCAFFOLD: control variates on the trained factors
 
 
 def batches(num_examples: int, cfg: TrainConfig, generator: torch.Generator):
@@ -80,12 +84,15 @@ def train_client(
     pad_id: int = 0,
     adapter: str = ADAPTER,
     on_step: Callable[[], None] | None = None,
+    correction: dict[str, dict[str, Tensor]] | None = None,
 ) -> tuple[ClientUpdate, float]:
     """Train ``model``'s adapter on ``data`` (encoded examples) from ``global_lora``; return the update and mean loss.
 
     The model's backbone is shared and never touched here; only the adapter factors change. ``adapter`` names the
     PEFT adapter to train, the active one (``peft_io.active_adapter``: a client of another rank); the update
-    carries its scaling. ``on_step`` is called after each optimizer step (a progress bar).
+    carries its scaling. ``on_step`` is called after each optimizer step (a progress bar). ``cfg.prox_mu > 0`` adds
+    FedProx's proximal term towards ``global_lora``; ``correction`` (``{factor: {layer: c − c_i}}``, SCAFFOLD) moves
+    the trained factors by ``−lr (c − c_i)`` after each optimizer step.
     """
     if not data:
         raise ValueError(f"client {client_id!r} has no training examples")
@@ -93,7 +100,11 @@ def train_client(
         raise ValueError(f"adapter {adapter!r} is not the active one ({model.active_adapter!r})")
     set_lora(model, global_lora, adapter)
     params = set_trainable(model, trainable, adapter)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr if lr is None else lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    trained = _trained(model, trainable, adapter)  # (factor, layer) in the order of params
+    starts = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
+    shifts = [correction[factor][name] for factor, name in trained] if correction is not None else []
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
     generator = torch.Generator().manual_seed(seed)
@@ -107,6 +118,8 @@ def train_client(
         (loss / cfg.grad_accum).backward()
         losses.append(loss.item())
         if (step + 1) % cfg.grad_accum == 0:
+            if starts:
+                corrections.prox_gradients(params, starts, cfg.prox_mu)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             if not math.isfinite(norm.item()):
                 raise FloatingPointError(f"client {client_id!r}, step {step // cfg.grad_accum + 1}: the gradient is "
@@ -114,6 +127,8 @@ def train_client(
                                          "weights and the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if shifts:
+                corrections.scaffold_step(params, shifts, lr)
             if on_step is not None:
                 on_step()
     model.eval()
@@ -121,6 +136,11 @@ def train_client(
     update = ClientUpdate(get_lora(model, adapter), num_examples=len(data), client_id=client_id,
                           scaling=scaling(model, adapter))
     return update, sum(losses) / len(losses)
+
+
+def _trained(model: PeftModel, trainable: dict[str, bool], adapter: str) -> list[tuple[str, str]]:
+    """``(factor, layer)`` of each trainable parameter, in the order ``peft_io.set_trainable`` returns them."""
+    return [(factor, name) for name in lora_layers(model, adapter) for factor in ("A", "B") if trainable[factor]]
 
 
 def train_round(
@@ -133,6 +153,7 @@ def train_round(
     *,
     rank: int,
     own: StateDict | None = None,
+    control: StateDict | None = None,
     t: int = 1,
     lr: float | None = None,
     seed: int = 0,
@@ -143,13 +164,27 @@ def train_round(
     """One client's round ``t``, as every engine runs it: an adapter of the client's own ``rank`` on ``model``
     (``peft_io.rank_adapter``), the start ``method`` gives it (``Method.client_start``: the global adapter at that
     rank, with what the client keeps, ``own``), then ``train_client``. The update carries the client's scaling and
-    what it keeps until its next round (``ClientUpdate.keep``).
+    what it keeps until its next round (``ClientUpdate.keep``: the method's ``local`` factors and, with
+    ``cfg.scaffold``, its control variate; ``control`` is the server's, ``ServerState.control``).
     """
     adapter = rank_adapter(model, rank)
-    start = method.client_start(global_lora, own=own, t=t, rank=rank if adapter != ADAPTER else None,
-                                scaling=scaling(model, adapter), global_scaling=scaling(model))
+    start = method.client_start(global_lora, own=corrections.method_part(own), t=t,
+                                rank=rank if adapter != ADAPTER else None, scaling=scaling(model, adapter),
+                                global_scaling=scaling(model))
+    shift = ({factor: corrections.correction(control, own, start, factor) for factor in ("A", "B")
+              if trainable[factor]} if cfg.scaffold else None)
     with active_adapter(model, adapter):
         update, loss = train_client(model, data, start, trainable, cfg, lr=lr, seed=seed, client_id=client_id,
-                                    pad_id=pad_id, adapter=adapter, on_step=on_step)
-    update.keep = method.local_state(update)
+                                    pad_id=pad_id, adapter=adapter, on_step=on_step, correction=shift)
+    update.keep = kept(method, update, start, own, control, trainable, cfg, cfg.lr if lr is None else lr)
     return update, loss
+
+
+def kept(method, update: ClientUpdate, start: dict[str, LoraPair], own: StateDict | None,
+         control: StateDict | None, trainable: dict[str, bool], cfg: TrainConfig, lr: float) -> StateDict:
+    """What a client keeps after its round: the method's ``local`` factors and, with SCAFFOLD, its new variate
+    (computed the same way by the client and, from the factors it sent, by a server that holds its copy)."""
+    keep = method.local_state(update)
+    if cfg.scaffold:
+        keep.update(corrections.client_variate(start, update.factors, control, own, trainable, cfg.local_steps, lr))
+    return keep

@@ -67,6 +67,8 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: bool = False  # bfloat16 autocast of the forward pass (the base's own precision is ``dtype``)
+    prox_mu: float = 0.0  # FedProx: μ/2 ‖w − w₀‖² on the clients' trained factors (0 = off)
+    scaffold: bool = False  # SCAFFOLD: control variates on the clients' trained factors
     # evaluation
     eval_every: int = 1
     accuracy_every: int = 0  # 0 = only after the last round
@@ -90,7 +92,7 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            lr=self.lr, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                           bf16=self.bf16)
+                           bf16=self.bf16, prox_mu=self.prox_mu, scaffold=self.scaffold)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +124,10 @@ class RunConfig:
              "local_steps, batch_size and grad_accum must be ≥ 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be ≥ 0"),
+            (self.prox_mu >= 0, "prox_mu (FedProx's μ) must be ≥ 0"),
+            (not self.scaffold or set(schedule.client_ranks(self)) == {self.lora_r},
+             "scaffold keeps one control variate per factor of the global adapter: every client needs lora_r "
+             "(no client_ranks)"),
             (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
             (self.lora_r >= 1, "lora_r must be ≥ 1"),
             (self.export_rank >= 0, "export_rank must be ≥ 0"),

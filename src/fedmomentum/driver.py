@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, report, rundir
+from . import checkpoint, corrections, report, rundir
 from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .config import MAY_CHANGE_ON_RESUME, differences
@@ -174,13 +174,16 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
 
 def advance(setup: Setup, state: ServerState, result: Aggregate, updates: list[ClientUpdate], t: int) -> ServerState:
     """The state after round ``t``: the aggregate applied to the server's model (backbone in place), the method's
-    new state, what the clients keep."""
+    new state, what the clients keep, SCAFFOLD's server variate."""
     apply_backbone(setup.model, result.backbone, state.backbone)
     set_lora(setup.model, result.lora)
     if state.change is not None:
         state.change.add(result.backbone)
-    clients = {**state.clients, **{u.client_id: u.keep for u in updates if u.keep}}
-    return replace(state, rounds_done=t, lora=result.lora, method=result.state, clients=clients)
+    kept = {u.client_id: u.keep for u in updates if u.keep}
+    control = (corrections.server_variate(state.control, state.clients, kept, setup.config.clients)
+               if setup.config.scaffold else state.control)
+    return replace(state, rounds_done=t, lora=result.lora, method=result.state, clients={**state.clients, **kept},
+                   control=control)
 
 
 def start(setup: Setup, engine: Engine) -> ServerState:
@@ -244,8 +247,9 @@ def check_engine(setup: Setup, engine: Engine) -> None:
     config, method = setup.config, setup.method
     needs = {
         "start": (method.uses_backbone, f"{config.method} changes the backbone before round 1"),
-        "client_state": (bool(method.local), f"{config.method}'s clients keep their own "
-                                             f"{', '.join(method.local)} between rounds"),
+        "client_state": (bool(method.local) or config.scaffold,
+                         f"{config.method}'s clients keep their own {', '.join(method.local)} between rounds"
+                         if method.local else "scaffold's clients keep their control variates between rounds"),
         "client_ranks": (config.client_ranks not in (None, []), "client_ranks gives clients their own LoRA ranks"),
     }
     for feature, (needed, why) in needs.items():

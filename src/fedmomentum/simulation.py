@@ -44,7 +44,7 @@ class InProcess(Engine):
                 client_id = self.ids[client]
                 update, loss = train_round(model, method, self.client_data[client], state.lora, trainable,
                                            config.train_config(), rank=self.ranks[client],
-                                           own=state.clients.get(client_id), t=t, lr=lr,
+                                           own=state.clients.get(client_id), control=state.control, t=t, lr=lr,
                                            seed=client_seed(config, t, client), client_id=client_id,
                                            pad_id=self.setup.tokenizer.pad_token_id, on_step=steps.update)
                 updates.append(update)

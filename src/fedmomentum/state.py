@@ -27,6 +27,7 @@ class ServerState:
     lora: dict[str, LoraPair]  # the global adapter
     method: StateDict = field(default_factory=dict)  # the method's own state (``Aggregate.state``)
     clients: dict[str, StateDict] = field(default_factory=dict)  # client id → what it keeps (``ClientUpdate.keep``)
+    control: StateDict = field(default_factory=dict)  # SCAFFOLD's server variate, factor → layer (``corrections``)
     # the adapted layers' backbone (``peft_io.apply_backbone``): the model's own float32 weights, or float32 masters
     # of low-precision ones; updated in place
     backbone: dict[str, Tensor] = field(default_factory=dict)

@@ -225,8 +225,9 @@ def train(message: Message, context: Context) -> Message:
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
     examples = worker.examples(context.node_config, pid)
+    control = wire.record_to_own(message.content["control"]) if "control" in message.content else None
     update, loss = train_round(worker.model, worker.method, examples, global_lora, trainable, config.train_config(),
-                               rank=client_ranks(config)[pid], own=own, t=int(settings["round"]),
+                               rank=client_ranks(config)[pid], own=own, control=control, t=int(settings["round"]),
                                lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
                                pad_id=worker.tokenizer.pad_token_id)
     if update.keep:

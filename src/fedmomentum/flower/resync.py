@@ -7,11 +7,14 @@ changed. A node whose version is older than the server believed (it restarted, o
 ``resync`` with its version and is sent the deltas from there (``exchange``); a node whose adapter does not match
 the digests asks for the whole adapter (``full``).
 
-What a client keeps between rounds (``Method.local``: FedSA-LoRA's ``B``) stays on its node: a message names it by
-digest (``own-digest``; empty while the client has nothing kept, and then it starts from the global adapter, as a
-new client does in ``fedmomentum run``) and does not carry those global factors. The server's copy, the one it last
-received from that client, goes out only to a node that lacks it (it said so in a resync, or it is at version 0:
-a node that restarted, or a new Flower run after the server resumed).
+SCAFFOLD's server variate (``ServerState.control``) goes with every train message of a run with ``scaffold``.
+
+What a client keeps between rounds (``Method.local``: FedSA-LoRA's ``B``; SCAFFOLD's variate) stays on its node: a
+message names it by digest (``own-digest``; empty while the client has nothing kept, and then it starts from the
+global adapter, as a new client does in ``fedmomentum run``) and does not carry those global factors. The server's
+copy (the factors it last received from that client; the variate it derived from them, ``client.kept``) goes out
+only to a node that lacks it (it said so in a resync, or it is at version 0: a node that restarted, or a new Flower
+run after the server resumed).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from .nodes import Node
 
 def train_message(node: Node, settings: ConfigRecord, adapter: ArrayRecord, backbone: BackboneLog, seed: int,
                   server_round: int, full: bool = False, *, own: dict[str, dict[str, Tensor]] | None = None,
-                  local: tuple[str, ...] = ()) -> Message:
+                  local: tuple[str, ...] = (), control: dict[str, dict[str, Tensor]] | None = None) -> Message:
     """One node's message: the round's settings, its seed, and the factors and deltas it lacks (``full``: both
-    factors). ``own``: what the server last received of the factors its client keeps (``local``), if any."""
+    factors). ``own``: what the server last received of the factors its client keeps (``local``), if any;
+    ``control``: SCAFFOLD's server variate (sent whenever given)."""
     start = min(node.version, backbone.version)
     config = ConfigRecord(dict(settings.items()))
     config.update({"seed": seed, "partition-id": node.partition, "backbone-from": start,
@@ -41,4 +45,6 @@ def train_message(node: Node, settings: ConfigRecord, adapter: ArrayRecord, back
             content[f"global-{factor}"] = record
     if own and (node.needs_own or start == 0):
         content["own"] = wire.own_to_record(own)
+    if control is not None:
+        content["control"] = wire.own_to_record(control)
     return Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))

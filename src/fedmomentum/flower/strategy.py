@@ -40,8 +40,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from .. import driver
+from .. import corrections, driver
 from ..build import Setup, prepare
+from ..client import kept
 from ..config import RunConfig
 from ..peft_io import get_lora
 from ..records import read_metrics
@@ -146,12 +147,13 @@ class LoraStrategy(Strategy, driver.Engine):
         def message(node: Node, full: bool = False) -> Message:
             seed = client_seed(self.config, server_round, node.partition)
             return train_message(node, config, arrays, self.backbone_log, seed, server_round, full,
-                                 own=self.state.clients.get(client_id(node.partition)), local=self.method.local)
+                                 own=self.state.clients.get(client_id(node.partition)), local=self.method.local,
+                                 control=self.state.control if self.config.scaffold else None)
 
         exchange = Exchange(grid, self.nodes, sampled, message, round_timeout=self.round_timeout,
                             node_deadline=time.monotonic() + self.node_timeout,
                             server_version=self.backbone_log.version)
-        self._round = {"sampled": sampled, "exchange": exchange}
+        self._round = {"sampled": sampled, "exchange": exchange, "lr": float(config["lr"])}
         return [message(node) for p in sampled if (node := self.nodes.holder(p)) is not None]
 
     def aggregate_train(self, server_round: int,
@@ -252,7 +254,7 @@ class LoraStrategy(Strategy, driver.Engine):
             node = self.nodes.holder(partition)
             if node is not None:
                 node.version, node.needs_own = version, False
-            update.keep = self.method.local_state(update)  # the server's copy of what the client keeps
+            update.keep = self.kept(update, server_round, trainable)  # the server's copy of what the client keeps
             accepted.append((partition, update, loss))
         if len(accepted) < self.min_clients:
             raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="
@@ -272,6 +274,14 @@ class LoraStrategy(Strategy, driver.Engine):
             "nodes": self.nodes.take_events(),
         }
         return driver.ClientRound([u for _, u, _ in accepted], [loss for _, _, loss in accepted], measured)
+
+    def kept(self, update: ClientUpdate, server_round: int, trainable: dict[str, bool]) -> dict:
+        """What the client keeps after this update, as its node computed it (``client.kept``): the method's local
+        factors and, with SCAFFOLD, its variate, derived here from the factors it sent (no variate travels up)."""
+        own = self.state.clients.get(update.client_id)
+        start = self.method.client_start(self.global_lora, own=corrections.method_part(own), t=server_round)
+        return kept(self.method, update, start, own, self.state.control, trainable, self.config.train_config(),
+                    self._round["lr"])
 
     def client_scaling(self, rank: int) -> float:
         """The LoRA scaling of a client of ``rank``, as PEFT sets it (``α/r``, or ``α/√r`` with rsLoRA)."""

@@ -3,9 +3,10 @@
 Everything travels as float32 numpy arrays (numpy has no bfloat16). Keys:
 
 - adapter factors: ``"<layer>/A"`` and ``"<layer>/B"`` (PEFT shapes ``(r, in)`` and ``(out, r)``); a train
-  message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it, and a
-  client's own kept factors (FedSA-LoRA's ``B``) as ``own`` when its node lost them; a reply carries the factors
-  the client trained, at the client's own rank;
+  message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it, and what a
+  client keeps between rounds (FedSA-LoRA's ``B``, SCAFFOLD's variate: ``"<layer>/<slot>"``) as ``own`` when its
+  node lost it, and SCAFFOLD's server variate as ``control`` (``"<layer>/A"``, ``"<layer>/B"``); a reply carries
+  the factors the client trained, at the client's own rank;
 - backbone deltas: ``"<entry>/<layer>/L"`` and ``"<entry>/<layer>/R"``, the factors of ``D = L @ R`` of the
   backbone log's ``entry`` (``backbone_log``: the method's start, if any, then one entry per round); an entry
   without a delta has no keys.
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from ..checkpoint import SLOT
 from ..config import MAY_CHANGE_ON_RESUME, RunConfig
 from ..types import LoraPair, LowRank
 
@@ -93,17 +95,21 @@ def own_digest(own: dict[str, dict[str, torch.Tensor]] | None) -> str:
 
 
 def own_to_record(own: dict[str, dict[str, torch.Tensor]]) -> ArrayRecord:
-    """A client's kept factors (``{factor: {layer: tensor}}``) as an ``ArrayRecord`` keyed ``<layer>/<factor>``."""
-    return ArrayRecord({f"{name}/{factor}": _array(value) for factor, layers in own.items()
+    """What a client keeps (``{slot: {layer: tensor}}``: ``B``, ``control_A``, ...), or SCAFFOLD's server variate
+    (``{factor: {layer: tensor}}``), as an ``ArrayRecord`` keyed ``<layer>/<slot>``."""
+    return ArrayRecord({f"{name}/{slot}": _array(value) for slot, layers in own.items()
                         for name, value in layers.items()})
 
 
 def record_to_own(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
-    """``{factor: {layer: tensor}}`` back from ``own_to_record``."""
+    """``{slot: {layer: tensor}}`` back from ``own_to_record``; a key that is not ``<layer>/<slot>`` (a slot of
+    letters, digits and ``_``) is a ``ValueError`` naming it."""
     own: dict[str, dict[str, torch.Tensor]] = {}
-    for name, factors in record_to_factors(record).items():
-        for factor, value in factors.items():
-            own.setdefault(factor, {})[name] = value
+    for key, array in record.items():
+        name, sep, slot = key.rpartition("/")
+        if not sep or not name or not SLOT.fullmatch(slot):
+            raise ValueError(f"unexpected array {key!r}: kept state keys are '<layer>/<slot>'")
+        own.setdefault(slot, {})[name] = _tensor(array)
     return own
 
 
