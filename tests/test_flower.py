@@ -167,20 +167,25 @@ def test_in_process_flower_rounds_are_bit_identical_to_fedmomentum_run(method, t
     assert (tmp_path / "flower" / "summary.json").is_file() and (tmp_path / "flower" / "curves.png").is_file()
 
 
-@pytest.mark.parametrize("method, changes", [("frlora", {}), ("fedsa-lora", {}),
-                                             ("fedmomentum", {"client_ranks": [2, 6]}),
-                                             ("flexlora", {"client_ranks": [6, 2], "lora_r": 6, "rslora": True})])
+@pytest.mark.parametrize("method, changes", [
+    ("frlora", {}), ("fedsa-lora", {}), ("fedmomentum", {"client_ranks": [2, 6]}),
+    ("flexlora", {"client_ranks": [6, 2], "lora_r": 6, "rslora": True}),
+    ("fedsa-lora", {"scaffold": True, "prox_mu": 0.05}), ("rolora", {"scaffold": True}),
+    ("fedit", {"method_options": {"server_opt": "avgm"}}),
+    ("fedmomentum", {"method_options": {"server_opt": "adam", "server_lr": 1e-3}, "scaffold": True})])
 def test_2025_methods_and_mixed_ranks_on_flower_equal_fedmomentum_run(method, changes, tmp_path, reference,
                                                                       flower_config):
-    """FRLoRA's start (a backbone delta before round 1), FedSA-LoRA's B kept on each node, and clients of other
-    ranks (each with its own scaling) give on Flower the same model as in the simulation, also when a node loses
-    its state and process before round 3 (the server resends what it held: the backbone, a kept B)."""
+    """FRLoRA's start (a backbone delta before round 1), FedSA-LoRA's B kept on each node, clients of other ranks
+    (each with its own scaling), SCAFFOLD's variates (the server's sent, each client's kept on its node), FedProx
+    and the server optimizers give on Flower the same model as in the simulation, also when a node loses its state
+    and process before round 3 (the server resends what it held: the backbone, a kept B, a variate)."""
     changes = {**changes, "rounds": 3}
     config = flower_config(tmp_path, "flower", method=method, **changes)
     run_local(config, LocalGrid(make_client_app(), [0, 1], 2, run_id=11, events={2: [("restart", 100)]}))
     a, b = reference(method, **changes) / driver.CHECKPOINT, tmp_path / "flower" / driver.CHECKPOINT
     assert_same_state(a, b, atol=0.0)  # the clients' kept B too
-    assert bool(checkpoint.load(b)[0].clients) == (method == "fedsa-lora")
+    assert bool(checkpoint.load(b)[0].clients) == (method == "fedsa-lora" or changes.get("scaffold", False))
+    assert bool(checkpoint.load(b)[0].control) == changes.get("scaffold", False)
     sim_rows, flower_rows = rows(reference(method, **changes)), rows(tmp_path / "flower")
     assert [r["eval_loss"] for r in sim_rows] == pytest.approx([r["eval_loss"] for r in flower_rows], abs=1e-6)
     assert flower_rows[3]["resyncs"] == 1  # the restarted node was brought back
