@@ -397,6 +397,22 @@ def test_run_resume_and_compare_on_a_local_model(model_dir, tmp_path):
                    "seed (0 → 4)")
 
 
+def test_compare_gives_every_method_the_options_of_o(model_dir, tmp_path):
+    small = list(SMALL)
+    small[small.index("--model") + 1] = str(model_dir)
+    root = tmp_path / "cmp"
+    one_line_error(invoke("compare", "--methods", "fedmomentum,fedit", "--out", root, "-o", "merge_every=2", *small),
+                   "unknown option(s) merge_every for method 'fedit'")
+    assert not (root / "fedmomentum").exists()  # refused before any method ran
+    result = invoke("compare", "--methods", "fedit,flora", "--out", root, "-o", "server_opt=avgm", "-o",
+                    "server_momentum=0.5", *small)
+    assert result.exit_code == 0, result.output
+    for name in ("fedit", "flora"):
+        saved = json.loads((root / name / "config.json").read_text())["method_options"]
+        assert saved == {"server_opt": "avgm", "server_momentum": 0.5}
+        assert any(slot.startswith("opt_m") for slot in checkpoint.load(root / name / driver.CHECKPOINT)[0].method)
+
+
 def test_the_installed_command_prints_one_line(tmp_path):
     """The console script itself (a subprocess): a bad value is one line on stderr and exit status 2."""
     import subprocess

@@ -11,12 +11,15 @@ import torch
 from typer.testing import CliRunner
 
 from fedmomentum import checkpoint, driver, simulation
+from fedmomentum.build import client_examples
 from fedmomentum.cli import app
 from fedmomentum.config import RunConfig
-from fedmomentum.peft_io import ADAPTER, get_backbone, get_lora, lora_layers
+from fedmomentum.evaluate import family_losses
+from fedmomentum.peft_io import ADAPTER, get_backbone, get_lora, lora_layers, set_lora
 from fedmomentum.records import check_report_to, read_metrics, scalars
 from fedmomentum.schedule import client_ranks, sample_clients
 from fedmomentum.state import ServerState
+from fedmomentum.types import LoraPair
 
 
 class Capturing(simulation.InProcess):
@@ -107,6 +110,42 @@ def test_fedsa_lora_clients_start_from_the_shared_A_and_their_own_B(tmp_path, fr
     assert not torch.equal(starts[0][name].B, starts[1][name].B)
     assert set(state.clients) == {"client-0", "client-1"}
     assert set(state.clients["client-0"]) == {"B"}
+
+
+def test_fedsa_lora_records_each_clients_personalised_model_on_its_own_slice(tmp_path, fresh_tiny, small_config):
+    """``personal_loss/<client>``: ``(A′, B_i)`` on the held-out examples of the families client i trains on, weighted
+    by its share of each; recomputed here from the checkpoint and the partition. The server's model is left as it was
+    (its eval loss is reproduced after the personal evaluations)."""
+    config = small_config(tmp_path / "run", method="fedsa-lora", rounds=2, clients=3, clients_per_round=2,
+                          accuracy_per_family=0, partition="family")
+    setup, engine = simulation.engine(config, *fresh_tiny)
+    driver.run(setup, engine, quiet=True)
+    state, _ = checkpoint.load(tmp_path / "run" / driver.CHECKPOINT)
+    last = read_metrics(tmp_path / "run")[-1]
+    parts, _ = client_examples(config)
+    with torch.no_grad():
+        server = family_losses(setup.model, setup.eval_data, pad_id=setup.tokenizer.pad_token_id)
+    assert sum(server.values()) / len(server) == pytest.approx(last["eval_loss"], rel=1e-6)
+    expected = {}
+    for index, part in enumerate(parts):
+        client = f"client-{index}"
+        shares = {f: sum(e.family == f for e in part) / len(part) for f in {e.family for e in part}}
+        if client in state.clients:
+            set_lora(setup.model, {n: LoraPair(p.A, state.clients[client]["B"][n]) for n, p in state.lora.items()})
+        losses = family_losses(setup.model, setup.eval_data, pad_id=setup.tokenizer.pad_token_id)
+        set_lora(setup.model, state.lora)
+        expected[client] = sum(w * losses[f] for f, w in shares.items())
+        assert last[f"personal_loss/{client}"] == pytest.approx(expected[client], rel=1e-5)
+    assert len(set(e.family for e in parts[0])) == 1  # partition=family: a client's slice is one family
+    assert last["personal_eval_loss"] == pytest.approx(sum(expected.values()) / 3, rel=1e-5)
+    assert any(abs(last[f"personal_loss/{c}"] - last["global_eval_loss_by_client"]) > 1e-4 for c in state.clients)
+    assert "final_personal_eval_loss" in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_methods_whose_clients_keep_nothing_record_no_personal_loss(tmp_path, fresh_tiny, small_config):
+    config = small_config(tmp_path / "run", method="fedit", rounds=1, accuracy_per_family=0)
+    simulation.run(config, model=fresh_tiny[0], tokenizer=fresh_tiny[1], quiet=True)
+    assert not any("personal" in key for row in read_metrics(tmp_path / "run") for key in row)
 
 
 def test_fedsa_lora_resume_restores_the_clients_B_and_tensorboard_is_not_doubled(tmp_path, tiny_model,

@@ -13,7 +13,7 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from fedmomentum import report
+from fedmomentum import checkpoint, driver, report
 from fedmomentum import study as study_io
 from fedmomentum.cli import app
 
@@ -188,6 +188,20 @@ def test_a_study_writes_tables_and_plots_and_a_resumed_study_redoes_nothing(tmp_
     assert result.output.count("already finished, read back") == 4 and "starting" not in result.output
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.jsonl")} == before
     assert list(csv.DictReader((out / "study.csv").open())) == rows
+
+
+def test_a_study_of_server_optimizers_and_client_corrections(tmp_path):
+    """The study cells of issue 18: methods with ``server_opt``, FedProx and SCAFFOLD, all run and checkpointed."""
+    path = write(tmp_path, '[base]\nprox_mu = 0.01\nscaffold = true\n[grid]\nmethod = ["fedit", "fedmomentum"]\n'
+                           'method_options.server_opt = ["avgm"]\nseed = [0]\n')
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["study", "--config", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    states = [checkpoint.load(p)[0] for p in sorted((out / "runs").rglob(driver.CHECKPOINT))]
+    assert len(states) == 2
+    for state in states:
+        assert {"opt_m_A", "opt_m_B"} <= set(state.method) or {"opt_m_left", "opt_m_right"} <= set(state.method)
+        assert set(state.control) == {"A", "B"}
 
 
 def test_interrupted_runs_resume_from_their_checkpoints(tmp_path):

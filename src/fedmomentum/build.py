@@ -6,7 +6,7 @@ start from the same weights, the same LoRA init and the same examples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peft import PeftModel
 
@@ -39,6 +39,9 @@ class Setup:
     scaling: float
     eval_data: dict[str, list[dict]]  # encoded held-out examples per family
     accuracy_examples: dict[str, list[Example]]
+    # client id → its share of training examples per family: the weights of its held-out slice (``evaluate``);
+    # empty where the server does not know the clients' data (Flower)
+    client_mixtures: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:

@@ -215,6 +215,9 @@ def compare(
                                                           "from their checkpoints.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the methods' runs already in OUT and start "
                                                                 "them over.")] = False,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option given to every method: "
+                                                                            "-o server_opt=avgm (repeatable).")]
+    = None,
     set_: Sets = None,
 ) -> None:
     """Run several methods with the same seeds, clients and data; print a table and overlay the curves."""
@@ -236,12 +239,12 @@ def compare(
         overrides = _overrides(set_, None, rounds=rounds, clients=clients, clients_per_round=clients_per_round,
                                local_steps=local_steps, seed=seed, model=model, device=device)
         base = config_io.load(config, overrides)
+        shared = _parse_pairs(option, "--option")  # every method gets these (each must accept them)
         root = Path(out)
         if root.exists() and not root.is_dir():
             raise ValueError(f"--out {root} is a file, not a folder")
-        plan = {name: _compare_step(base.replace(method=name, out=str(root / name),
-                                                 method_options=base.method_options if name == base.method else {}),
-                                    resume, overwrite) for name in names}
+        plan = {name: _compare_step(base.replace(method=name, out=str(root / name), method_options={
+            **(base.method_options if name == base.method else {}), **shared}), resume, overwrite) for name in names}
         guard.continue_with = "the same command with --resume"
         with rundir.writing(root):
             root.mkdir(parents=True, exist_ok=True)
@@ -278,6 +281,7 @@ def compare(
 def _compare_step(cfg: config_io.RunConfig, resume: bool, overwrite: bool) -> tuple[config_io.RunConfig, str]:
     """What ``compare`` does for one method's folder: ``"done"`` (finished, kept), ``"resume"`` or ``"new"``;
     checked for every method before any runs, so a refusal costs nothing."""
+    cfg.validate()  # an option a method does not take, say
     folder = Path(cfg.out)
     if not resume or not (folder / rundir.CONFIG).is_file():
         rundir.check(folder, overwrite, resume_flag="compare --resume")

@@ -105,7 +105,8 @@ def run(setup: Setup, engine: Engine, *, resume: bool = False, overwrite: bool =
     state, spent, resume = open_run(setup, engine, out, resume, overwrite)
     records = Records(out, keep_rounds=state.rounds_done if resume else None, report_to=config.report_to)
     if not resume:
-        records.append({"round": 0, "method": config.method, **evaluate(setup, accuracy=config.accuracy_every > 0)})
+        records.append({"round": 0, "method": config.method,
+                        **evaluate(setup, accuracy=config.accuracy_every > 0, state=state)})
         if "eval_loss" in records.rows[0]:
             log(f"round   0 | eval_loss {records.rows[0]['eval_loss']:.4f} (before training)")
     log(f"{config.method}: {config.rounds} rounds, {config.clients_per_round}/{config.clients} clients a round, "
@@ -166,7 +167,7 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     if t % config.eval_every == 0 or t == config.rounds:
         due = config.accuracy_every and t % config.accuracy_every == 0
         eval_started = time.perf_counter()
-        record.update(evaluate(setup, accuracy=bool(due) or t == config.rounds))
+        record.update(evaluate(setup, accuracy=bool(due) or t == config.rounds, state=state))
         record["eval_seconds"] = time.perf_counter() - eval_started
     record["round_seconds"] = time.perf_counter() - started  # training, aggregation and evaluation
     return state, result, record

@@ -1,4 +1,5 @@
-"""Held-out loss per task family and exact-match accuracy by greedy generation."""
+"""Held-out loss per task family, exact-match accuracy by greedy generation, and each client's personalised model on
+its own held-out slice (methods whose clients keep factors of their own: FedSA-LoRA)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import torch
 from transformers import PreTrainedModel
 
 from .client import response_loss
+from .corrections import method_part
 from .data import IGNORE_INDEX, Example, score
 from .data.formatting import collate, prompt_ids
+from .peft_io import set_lora
 
 
 @torch.no_grad()
@@ -67,15 +70,62 @@ def family_accuracy(model: PreTrainedModel, tokenizer, examples: dict[str, list[
     return {family: sum(values) / max(len(values), 1) for family, values in scores.items()}
 
 
-def evaluate(setup, accuracy: bool) -> dict:
+def mixtures(parts: list[list[Example]], ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each client's share of its training examples per family (or data file): the weights of its held-out slice."""
+    result = {}
+    for client_id, part in zip(ids, parts, strict=True):
+        counts: dict[str, int] = {}
+        for example in part:
+            counts[example.family] = counts.get(example.family, 0) + 1
+        result[client_id] = {family: n / len(part) for family, n in sorted(counts.items())} if part else {}
+    return result
+
+
+def personal_losses(setup, state, server: dict[str, float]) -> dict:
+    """Each client's personalised model (``Method.client_start``: the global adapter with the factors the client
+    keeps, FedSA-LoRA's ``(A′, B_i)``) on its own held-out slice: the held-out examples of the families it trains on,
+    weighted by its share of each (``Setup.client_mixtures``). ``personal_loss/<client>`` and their mean,
+    ``personal_eval_loss``; beside it ``global_eval_loss_by_client``, the server's model on the same slices (``server``:
+    its loss per family). A client that has kept nothing yet starts from the server's model. The server's adapter is
+    put back afterwards."""
+    config, model = setup.config, setup.model
+    record, baseline = {}, []
+    try:
+        for client_id, shares in setup.client_mixtures.items():
+            shares = {family: w for family, w in shares.items() if w > 0 and family in setup.eval_data}
+            if not shares:
+                continue
+            own = method_part(state.clients.get(client_id))
+            losses = server
+            if own is not None:
+                set_lora(model, setup.method.client_start(state.lora, own=own, t=state.rounds_done + 1))
+                losses = family_losses(model, {f: setup.eval_data[f] for f in shares}, config.eval_batch_size,
+                                       setup.tokenizer.pad_token_id)
+            total = sum(shares.values())
+            record[f"personal_loss/{client_id}"] = sum(w * losses[f] for f, w in shares.items()) / total
+            baseline.append(sum(w * server[f] for f, w in shares.items()) / total)
+    finally:
+        set_lora(model, state.lora)
+    if baseline:
+        personal = [v for k, v in record.items() if k.startswith("personal_loss/")]
+        record["personal_eval_loss"] = sum(personal) / len(personal)
+        record["global_eval_loss_by_client"] = sum(baseline) / len(baseline)
+    return record
+
+
+def evaluate(setup, accuracy: bool, state=None) -> dict:
     """``eval_loss`` (the mean over families), ``loss/<family>`` and, when asked, ``accuracy`` and
-    ``accuracy/<family>`` of the server's model on the run's held-out data (``build.Setup``)."""
+    ``accuracy/<family>`` of the server's model on the run's held-out data (``build.Setup``); with the server's
+    ``state`` and a method whose clients keep factors of their own, also their personalised models
+    (``personal_losses``)."""
     config = setup.config
     record: dict = {}
     if setup.eval_data:  # none: evaluation is off (a Flower server without held-out data)
         losses = family_losses(setup.model, setup.eval_data, batch_size=config.eval_batch_size,
                                pad_id=setup.tokenizer.pad_token_id)
         record = {"eval_loss": sum(losses.values()) / len(losses), **{f"loss/{f}": v for f, v in losses.items()}}
+        if state is not None and setup.method.local and setup.client_mixtures:
+            record.update(personal_losses(setup, state, losses))
     if accuracy and config.accuracy_per_family and setup.accuracy_examples:
         scores = family_accuracy(setup.model, setup.tokenizer, setup.accuracy_examples,
                                  max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)

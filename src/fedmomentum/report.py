@@ -19,6 +19,8 @@ def round_line(record: dict) -> str:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
     if "accuracy" in record:
         parts.append(f"accuracy {record['accuracy']:.3f}")
+    if "personal_eval_loss" in record:
+        parts.append(f"personal {record['personal_eval_loss']:.4f}")
     if record.get("noise_norm") is not None:
         parts.append(f"noise {record['noise_norm']:.3g}")
     seconds = f"{record['round_seconds']:.1f}s"  # the whole round: training, aggregation and any evaluation
@@ -39,6 +41,7 @@ def summarize(rows: list[dict], config, seconds: float, peak_rss_mb: float, targ
     evaluated = [row for row in rows if "eval_loss" in row]
     scored = [row for row in rows if "accuracy" in row]
     trained = [row for row in rows if row["round"] > 0]
+    personal = [row for row in evaluated if "personal_eval_loss" in row]
     return {
         "method": config.method,
         "rounds": len(trained),
@@ -54,6 +57,7 @@ def summarize(rows: list[dict], config, seconds: float, peak_rss_mb: float, targ
         "aggregation_seconds": sum(row["aggregation_seconds"] for row in trained),
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb,
+        **({"final_personal_eval_loss": personal[-1]["personal_eval_loss"]} if personal else {}),
     }
 
 

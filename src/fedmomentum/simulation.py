@@ -17,6 +17,7 @@ from .client import train_round
 from .config import RunConfig
 from .driver import ClientRound, Engine
 from .driver import run as drive
+from .evaluate import mixtures
 from .schedule import client_ranks, client_seed, sample_clients
 from .state import ServerState
 
@@ -60,6 +61,7 @@ def engine(config: RunConfig, model=None, tokenizer=None, quiet: bool = False) -
     """The server's setup and the in-process engine for ``config`` (the model is loaded unless given)."""
     parts, held_out = client_examples(config)
     setup = prepare(default_out(config), model, tokenizer, held_out)
+    setup.client_mixtures = mixtures(parts, client_ids(config))
     return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config),
                             quiet=quiet)
 
