@@ -26,7 +26,10 @@ SETTINGS = {"avgm": dict(server_lr=0.7, server_momentum=0.8),
             "adagrad": dict(server_lr=0.05, server_betas=[0.5, 0.0], server_eps=0.05)}
 FACTOR_METHODS = ["fedit", "ffa-lora", "rolora", "fedsa-lora"]
 PRODUCT_METHODS = ["fedmomentum", "fedex-lora", "flora", "flexlora", "frlora"]
-LAYERS = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (10, 14)}
+# small layers, where avgm's momentum soon fills the matrix (kept dense from then on), and a larger one, where it
+# stays factored for a round or two
+LAYERS = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (10, 14),
+          "model.layers.1.self_attn.q_proj": (40, 30)}
 EPS = {"float32": np.finfo(np.float32).eps, "float64": np.finfo(np.float64).eps}
 
 
@@ -158,6 +161,7 @@ def test_product_methods_step_on_the_effective_weight(name, options, kind, dtype
     replay = {layer: np.zeros(shape) for layer, shape in LAYERS.items()}  # W + s B A − (W₀ + s B₀ A₀), float64
     moments: dict = {}
     state, plain_state = {}, {}
+    paths = set()  # avgm: factored and dense momenta seen
     for t in range(1, 5):
         updates = client_updates(rng, adapter, method, t)
         result = method.aggregate(adapter, updates, scaling=SCALING, t=t, state=state)
@@ -170,11 +174,21 @@ def test_product_methods_step_on_the_effective_weight(name, options, kind, dtype
             u, *moments[layer] = reference_step(kind, D + change, *moments.get(layer, (None, None)), settings)
             replay[layer] += u
             tested[layer] += change + (np64(result.backbone[layer].dense()) if layer in result.backbone else 0.0)
-            if kind == "avgm":
-                assert result.stats["layers"][layer]["momentum_rank"] == np.linalg.matrix_rank(
-                    moments[layer][0], tol=1e3 * EPS[dtype] * np.linalg.norm(moments[layer][0]))
+            if kind == "avgm":  # factored while its factors are smaller than the dense matrix, then dense
+                m = moments[layer][0]
+                q = np.linalg.matrix_rank(m, tol=1e3 * EPS[dtype] * np.linalg.norm(m))
+                d, k = m.shape
+                factored = layer in result.state.get("opt_m_left", {})
+                assert factored == (layer not in result.state.get("opt_m", {}))
+                paths.add(factored)
+                if factored:
+                    assert result.stats["layers"][layer]["momentum_rank"] == q and (d + k) * q < d * k
+                else:
+                    assert "momentum_rank" not in result.stats["layers"][layer] and (d + k) * q >= d * k
         held = {"held_left", "held_right"} & set(proposal.state)
-        assert set(result.state) == held | ({"opt_m_left", "opt_m_right"} if kind == "avgm" else {"opt_m", "opt_v"})
+        slots = set(result.state) - held
+        assert slots <= ({"opt_m_left", "opt_m_right", "opt_m"} if kind == "avgm" else {"opt_m", "opt_v"}) and slots
+        assert set(result.state) & held == held
         for slot in held:  # the method's own state is the method's
             assert all(torch.equal(result.state[slot][k], proposal.state[slot][k]) for k in proposal.state[slot])
         adapter, state, plain_state = result.lora, result.state, proposal.state
@@ -183,6 +197,8 @@ def test_product_methods_step_on_the_effective_weight(name, options, kind, dtype
         scale = max(np.linalg.norm(want), max(np.linalg.norm(m) for m in moments[layer] if m is not None))
         assert np.linalg.norm(tested[layer] - want) <= tol * scale, layer
     assert result.stats["residual_rank"] == sum(d.rank for d in result.backbone.values())
+    if kind == "avgm":  # FRLoRA's updates all lie in the rows of its frozen A₀: its momentum stays of rank ≤ r
+        assert paths == ({True} if name == "frlora" else {True, False})
 
 
 def test_the_adaptive_moments_are_dense_and_make_the_delta_full_rank():

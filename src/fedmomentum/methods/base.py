@@ -9,6 +9,11 @@ of another rank has its own ``s_k``), casts to the aggregation dtype and totals 
 says of what in ``svd_terms``; the base class takes those SVDs for all layers at once (``linalg.svds``: layers of
 equal shape in one batch, unless ``batched=False``) and hands each layer its own.
 
+Every method also takes a server optimizer (``server_opt``: FedAvgM, FedAdam, FedYogi, FedAdagrad; ``server_opt.py``):
+after ``aggregate_layer`` proposes a layer's result, the base class takes the optimizer's step on it, on the averaged
+factors or on ``W + s B A`` as ``update_space`` says, with the moments in the method's state (slots ``opt_…``), so a
+method needs no code of its own for it.
+
 Besides ``aggregate``, two optional parts of the contract:
 
 - ``start(global_lora, weights, scaling=s)``: called once before round 1 with the adapted layers' current

@@ -25,7 +25,8 @@ Where it acts (``Method.update_space``):
   effective weight ``W + s B A``, so ``Δ_t = D + s (B' A' − B A)``. The method's adapter is kept as it proposes it
   and the correction ``u_t − Δ_t`` goes into the backbone delta. ``avgm`` keeps ``m_t`` factored (slots
   ``opt_m_left`` / ``opt_m_right``), cut to its numerical rank every round (``linalg.compress``): exact, no ``d×k``
-  matrix, but its rank grows by up to ``rank(Δ_t)`` a round until it reaches ``min(d, k)``. ``adam`` / ``yogi`` /
+  matrix, but its rank grows by up to ``rank(Δ_t)`` a round; once its factors would take as much room as the dense
+  ``d×k`` matrix it is kept dense (slot ``opt_m``). ``adam`` / ``yogi`` /
   ``adagrad`` need elementwise moments of the dense ``d×k`` matrix (``Δ²`` of a low-rank matrix is not low rank): two
   dense ``d×k`` moments per layer (slots ``opt_m``, ``opt_v``), as much memory (and checkpoint) as two float32 copies
   of the adapted weights, and a backbone delta of full rank every round.
@@ -88,7 +89,7 @@ class ServerOpt:
         state, and the momentum's rank (``avgm``; None for the dense moments)."""
         delta = pseudo_update(global_pair, new, backbone, scaling)
         if self.kind == "avgm":
-            return self._avgm(delta, backbone, state)
+            return self._avgm(delta, backbone, state, global_pair.shape)
         dense = (delta.dense() if delta is not None
                  else global_pair.B.new_zeros(global_pair.shape))
         u, m, v = self.step(dense, state.get(f"{PREFIX}m"), state.get(f"{PREFIX}v"))
@@ -97,22 +98,32 @@ class ServerOpt:
             total = total + backbone.dense()
         return from_dense(total), {f"{PREFIX}m": m, f"{PREFIX}v": v}, None
 
-    def _avgm(self, delta: LowRank | None, backbone: LowRank | None,
-              state: dict[str, Tensor]) -> tuple[LowRank | None, dict[str, Tensor], int]:
-        """Factored momentum: ``m_t = β m_{t−1} + Δ_t`` and the correction ``η m_t − Δ_t = ηβ m_{t−1} + (η − 1) Δ_t``,
-        both cut to their numerical rank; a zero correction (``β = 0``, ``η = 1``) leaves the delta as it was."""
-        previous = (LowRank(state[f"{PREFIX}m_left"], state[f"{PREFIX}m_right"])
-                    if f"{PREFIX}m_left" in state else None)
-        terms = [t for t in (_scaled(previous, self.momentum), delta) if t is not None]
-        momentum = compress(_sum(terms)) if terms else None
-        corrections = [t for t in (_scaled(previous, self.lr * self.momentum), _scaled(delta, self.lr - 1.0))
-                       if t is not None]
-        correction = compress(_sum(corrections)) if corrections else None
-        if correction is not None and correction.rank > 0:
+    def _avgm(self, delta: LowRank | None, backbone: LowRank | None, state: dict[str, Tensor],
+              shape: tuple[int, int]) -> tuple[LowRank | None, dict[str, Tensor], int | None]:
+        """``m_t = β m_{t−1} + Δ_t`` and the correction ``η m_t − Δ_t = ηβ m_{t−1} + (η − 1) Δ_t``. ``m`` stays
+        factored, cut to its numerical rank, while its factors take less room than the dense ``d×k`` matrix, and is
+        dense from then on; a zero term (``β = 0``, ``η = 1``) is left out, so a zero correction leaves the delta as it
+        was."""
+        if f"{PREFIX}m" in state:
+            previous: LowRank | Tensor | None = state[f"{PREFIX}m"]
+        elif f"{PREFIX}m_left" in state:
+            previous = LowRank(state[f"{PREFIX}m_left"], state[f"{PREFIX}m_right"])
+        else:
+            previous = None
+        momentum = _combine([(self.momentum, previous), (1.0, delta)])
+        d, k = shape
+        if isinstance(momentum, LowRank) and (d + k) * momentum.rank >= d * k:
+            momentum = momentum.dense()  # as large as the dense matrix: cheaper to keep dense
+        correction = _combine([(self.lr * self.momentum, previous), (self.lr - 1.0, delta)])
+        if isinstance(correction, Tensor):
+            backbone = from_dense(correction if backbone is None else correction + backbone.dense())
+        elif correction is not None and correction.rank > 0:
             backbone = correction if backbone is None else compress(backbone + correction)
-        slots = ({} if momentum is None or momentum.rank == 0
-                 else {f"{PREFIX}m_left": momentum.left, f"{PREFIX}m_right": momentum.right})
-        return backbone, slots, 0 if momentum is None else momentum.rank
+        if isinstance(momentum, Tensor):
+            return backbone, {f"{PREFIX}m": momentum}, None
+        if momentum is None or momentum.rank == 0:
+            return backbone, {}, 0
+        return backbone, {f"{PREFIX}m_left": momentum.left, f"{PREFIX}m_right": momentum.right}, momentum.rank
 
 
 def pseudo_update(global_pair: LoraPair, new: LoraPair, backbone: LowRank | None, scaling: float) -> LowRank | None:
@@ -133,9 +144,15 @@ def from_dense(X: Tensor) -> LowRank:
     return compress(LowRank(torch.eye(d, dtype=X.dtype, device=X.device), X))
 
 
-def _scaled(delta: LowRank | None, factor: float) -> LowRank | None:
-    """``factor · delta``; None for a zero term (nothing to add)."""
-    return None if delta is None or factor == 0.0 else LowRank(factor * delta.left, delta.right)
+def _combine(terms: list[tuple[float, LowRank | Tensor | None]]) -> LowRank | Tensor | None:
+    """``Σ c_i x_i`` without the zero terms (None when none is left): factors cut to their numerical rank when every
+    ``x_i`` is factored, a dense matrix when one is dense."""
+    terms = [(c, x) for c, x in terms if x is not None and c != 0.0]
+    if not terms:
+        return None
+    if any(isinstance(x, Tensor) for _, x in terms):
+        return sum(c * (x if isinstance(x, Tensor) else x.dense()) for c, x in terms)
+    return compress(_sum([LowRank(c * x.left, x.right) for c, x in terms]))
 
 
 def _sum(terms: list[LowRank]) -> LowRank:
