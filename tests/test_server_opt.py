@@ -201,7 +201,7 @@ def test_product_methods_step_on_the_effective_weight(name, options, kind, dtype
         assert paths == ({True} if name == "frlora" else {True, False})
 
 
-def test_the_adaptive_moments_are_dense_and_make_the_delta_full_rank():
+def test_the_adaptive_moments_are_dense_and_a_large_step_fills_the_delta():
     rng = np.random.default_rng(3)
     adapter = {layer: random_pair(rng, d, k, 2) for layer, (d, k) in LAYERS.items()}
     result = fm.methods.create("fedmomentum", server_opt="adam").aggregate(

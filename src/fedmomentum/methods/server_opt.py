@@ -29,7 +29,7 @@ Where it acts (``Method.update_space``):
   ``d×k`` matrix it is kept dense (slot ``opt_m``). ``adam`` / ``yogi`` /
   ``adagrad`` need elementwise moments of the dense ``d×k`` matrix (``Δ²`` of a low-rank matrix is not low rank): two
   dense ``d×k`` moments per layer (slots ``opt_m``, ``opt_v``), as much memory (and checkpoint) as two float32 copies
-  of the adapted weights, and a backbone delta of full rank every round.
+  of the adapted weights, and a backbone delta of up to full rank (factored back at its numerical rank).
 """
 
 from __future__ import annotations
