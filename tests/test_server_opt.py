@@ -308,6 +308,15 @@ def test_a_failed_aggregation_leaves_the_moments_alone():
 # --- end to end ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method, kind", [(name, OPTS[i % len(OPTS)]) for i, name in enumerate(fm.methods.names())])
+def test_every_method_runs_with_a_server_optimizer(method, kind, tmp_path, fresh_tiny, small_config):
+    config = small_config(tmp_path / "run", method=method, method_options={"server_opt": kind}, accuracy_per_family=0)
+    summary = simulation.run(config, model=fresh_tiny[0], tokenizer=fresh_tiny[1], quiet=True)
+    state, _ = checkpoint.load(tmp_path / "run" / driver.CHECKPOINT)
+    assert summary["rounds"] == 2 and np.isfinite(summary["final_eval_loss"])
+    assert any(slot.startswith("opt_m") for slot in state.method)
+
+
 class Crash(RuntimeError):
     pass
 
