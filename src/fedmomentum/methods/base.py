@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from ..linalg import ProductSVD, Terms, svds
+from ..linalg import ProductSVD, Terms, decompose
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
 from .shared import at_rank
 
@@ -43,7 +43,7 @@ class Method:
     holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
-    svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
+    svd: str = "auto"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
     backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
     def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
@@ -180,19 +180,12 @@ class Method:
             raise ValueError(f"{self.name} needs every client at the global rank {global_rank}; it cannot mix "
                              f"ranks {sorted(set(client_ranks))} (use flora, fedex-lora, flexlora or fedmomentum)")
 
-    def _svds(self, terms: dict[str, Terms]) -> dict[str, ProductSVD]:
-        """``linalg.svds`` of the layers' terms; if a batch fails to converge, layer by layer, leaving out the
-        layers that fail (``aggregate`` reports the first)."""
-        try:
-            return svds(terms, self.svd, self.batched)
-        except torch.linalg.LinAlgError:
-            result = {}
-            for name, t in terms.items():
-                try:
-                    result.update(svds({name: t}, self.svd, batched=False))
-                except torch.linalg.LinAlgError:
-                    pass
-            return result
+    def _svds(self, terms: dict[str, Terms]) -> Mapping[str, ProductSVD]:
+        """The layers' SVDs (``linalg.decompose``: a route per group of equal-shaped layers, by cost unless ``svd``
+        names one; taken a chunk at a time as ``aggregate`` asks for them). A layer whose SVD fails to converge is
+        left out (``aggregate`` reports it). A method that keeps less than all of the energy (``residual_energy``)
+        lets the route be approximate within a tenth of what it drops."""
+        return decompose(terms, self.svd, batched=self.batched, energy=getattr(self, "residual_energy", 1.0))
 
     def _check_result(self, name: str, new: LoraPair | None, delta: LowRank | None, stats: LayerStats) -> None:
         """A layer whose aggregate is not finite (or whose SVD failed on it) overflowed the aggregation dtype."""
@@ -348,11 +341,10 @@ class Method:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """No NaN or ±Inf in any of ``tensors``: their largest ``|x|`` (NaN propagates) in one fused pass, one sync."""
-    tensors = [X for X in tensors if X.numel()]
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
+    """No NaN or ±Inf in any of ``tensors``: each one's min and max (NaN propagates) in one fast pass without a
+    copy, gathered for one device sync."""
+    extremes = [torch.stack(torch.aminmax(X)) for X in tensors if X.numel()]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 
 def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:

@@ -40,7 +40,7 @@ class FedMomentum(Method):
     holds_state = True  # with merge_every > 1, residuals wait on the server (``held``)
 
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
-                 merge_every: int = 1, svd: str = "factored", compress_residual: bool = False,
+                 merge_every: int = 1, svd: str = "auto", compress_residual: bool = False,
                  residual_dtype: str = "float32", **common):
         super().__init__(**common)
         if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):

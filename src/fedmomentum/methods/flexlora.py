@@ -15,7 +15,7 @@ class FlexLoRA(Method):
     exact = False
     mixed_ranks = True
 
-    def __init__(self, split: str = "balanced", svd: str = "factored", **common):
+    def __init__(self, split: str = "balanced", svd: str = "auto", **common):
         super().__init__(**common)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
