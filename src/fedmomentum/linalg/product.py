@@ -153,6 +153,13 @@ class ProductSVD:
         """The estimated relative error of one matrix's SVD (see the class notes)."""
         return float(self._error)
 
+    @property
+    def energy(self) -> float:
+        """``‖M‖_F² = Σ σ²`` of one matrix, including what a sketch's components miss (estimated from ``error``:
+        ``‖M‖² = ‖M̃‖² + error² ‖M‖²``)."""
+        captured = float((self.S_cpu.double() ** 2).sum())
+        return captured / (1.0 - min(self.error, 0.5) ** 2)
+
     def __getitem__(self, index: int) -> ProductSVD:
         """Matrix ``index`` of a batched SVD (views of the batch's tensors; nothing is recomputed)."""
         part = object.__new__(ProductSVD)

@@ -15,10 +15,12 @@ def numerical_rank(S: Tensor, shape: tuple[int, ...]) -> int:
     return int((S > tol).sum())
 
 
-def energy_rank(S: Tensor, rank: int, energy: float) -> int:
+def energy_rank(S: Tensor, rank: int, energy: float, total: float | None = None) -> int:
     """Smallest ``r_eff ≥ rank`` whose leading components hold ``energy`` of ``Σ σ²``.
 
-    Never more than the nonzero components, so ``energy = 1`` keeps exactly the nonzero spectrum.
+    Never more than the nonzero components, so ``energy = 1`` keeps exactly the nonzero spectrum. ``total``: the
+    whole ``Σ σ²`` when ``S`` holds only the leading singular values (a sketch's: ``ProductSVD.energy``); then
+    ``r_eff`` is at most ``len(S)``.
     """
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"residual_energy must be in (0, 1], got {energy}")
@@ -28,7 +30,8 @@ def energy_rank(S: Tensor, rank: int, energy: float) -> int:
     if energy >= 1.0:
         return nonzero
     cumulative = torch.cumsum(S.double() ** 2, 0)
-    needed = int((cumulative < energy * cumulative[-1]).sum()) + 1
+    whole = float(cumulative[-1]) if total is None else max(float(total), float(cumulative[-1]))
+    needed = int((cumulative < energy * whole).sum()) + 1
     return min(max(rank, needed), nonzero)
 
 

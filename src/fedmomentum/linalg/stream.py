@@ -24,6 +24,10 @@ from .product import EXACT_KINDS, ProductSVD, stack
 from .sketch import StreamSketch
 
 
+def _nbytes(tensors) -> int:
+    return sum(X.numel() * X.element_size() for X in tensors if X is not None)
+
+
 def _check_weight(weight: float) -> float:
     weight = float(weight)
     if not math.isfinite(weight):
@@ -38,6 +42,11 @@ class FactorSum:
         self.total: Tensor | None = None
         self.weight = 0.0
         self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the sum holds."""
+        return _nbytes([self.total])
 
     def fold(self, X: Tensor, weight: float = 1.0) -> None:
         weight = _check_weight(weight)
@@ -79,6 +88,11 @@ class ProductSum:
     @property
     def is_dense(self) -> bool:
         return self._dense is not None
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the sum holds (at most about one ``d×k`` matrix, and never more than the terms' factors)."""
+        return _nbytes(self._lefts + self._rights + [self._dense])
 
     def fold(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
         """Add ``weight · left @ right`` (copies what it keeps: the caller may reuse its tensors)."""
@@ -125,6 +139,12 @@ class ProductSketch:
         self.shape, self.dtype = tuple(shape), dtype
         self.weight = 0.0
         self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the sketch holds (fixed: ``O((d + k) width)``)."""
+        s = self.sketch
+        return _nbytes([s.Y, s.W, s.Z, s.Omega, s.Psi, s.G])
 
     def fold(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
         """Add ``weight · left @ right``."""
