@@ -204,7 +204,7 @@ def round_benchmark(args, device):
             times[route].append(seconds)
             cpu_times[route].append(cpu)
     agg = results[main_route]
-    first = results[list(routes)[0]]
+    first = results[next(iter(routes))]
     route_gap = max(float((first.lora[n].A - agg.lora[n].A).abs().max()) for n in names)
     route_gap = max(route_gap, *(float((first.lora[n].B - agg.lora[n].B).abs().max()) for n in names))
     results = first = None
@@ -357,19 +357,31 @@ def stream_cell(spec, device) -> dict:
         held_bytes = sum(sum(a.nbytes for a in acc) if isinstance(acc, tuple) else acc.nbytes
                          for acc in accumulators.values())
 
-    def finish_all():
-        if accumulators is None:
-            return {}
-        if mode == "mean":
-            return {name: (a.finish(), b.finish()) for name, (a, b) in accumulators.items()}
-        return {name: acc.finish() for name, acc in accumulators.items()}
+    def finish_all() -> tuple[list[float], set[str]]:
+        """Each layer's aggregate (``hold``: the all-at-once route), one layer at a time as a server would (each
+        result is dropped before the next layer's is taken); the sketches' errors and the routes taken."""
+        errors, routes = [], set()
+        if accumulators is None:  # hold: every reply stacked at once, then the route by cost
+            total = sum(u.num_examples for u in held)
+            terms = {name: linalg.Terms([u.factors[name].B for u in held], [u.factors[name].A for u in held],
+                                        [u.num_examples / total for u in held]) for name in shapes}
+            decomposed = linalg.decompose(terms)
+            for name in shapes:
+                routes.add(decomposed[name].route)
+            return errors, routes
+        for acc in accumulators.values():
+            if mode == "mean":
+                acc[0].finish(), acc[1].finish()
+                continue
+            svd = acc.finish()
+            errors.append(svd.error)
+            routes.add(svd.route)
+        return errors, routes
 
-    finish_wall, finish_cpu, finished = clock.time(finish_all)
-    errors = [svd.error for svd in finished.values() if isinstance(svd, linalg.ProductSVD)]
+    finish_wall, finish_cpu, (errors, routes) = clock.time(finish_all)
     return {**spec, "fold_wall": fold_wall, "fold_cpu": fold_cpu, "finish_wall": finish_wall,
             "finish_cpu": finish_cpu, "held_mib": held_bytes / 2**20, "working_mib": memory.peak() - base,
-            "error": max(errors) if errors else 0.0, "routes": sorted({s.route for s in finished.values()
-                                                                        if isinstance(s, linalg.ProductSVD)})}
+            "error": max(errors) if errors else 0.0, "routes": sorted(routes)}
 
 
 def run_cell(args, spec) -> dict:
@@ -403,7 +415,8 @@ def sweeps(args, counts):
                 print(f"{n:>6}{n * args.rank:>7}  {label:<18}{row['taken']:<10}{row['width']:>7}{row['cpu']:>10.2f}"
                       f"{row['wall']:>10.2f}{row['working_mib']:>12,.0f}{err:>22}", flush=True)
     if "stream" in which:
-        print("\nstreaming: a round of N clients, replies made one at a time. hold: the server keeps every reply; "
+        print("\nstreaming: a round of N clients, replies made one at a time. hold: the server keeps every reply, "
+              "then decomposes each layer by the auto route; "
               "mean: FactorSum of A and B; exact: ProductSum (factors, dense once larger); sketch: ProductSketch "
               "(width 4r + 10). held = bytes kept at the end of the round; memory = peak above the start "
               "(folding and finishing)")
