@@ -74,6 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--stream-layers", type=int, default=2, help="7B-shaped layers in the streaming simulation")
     parser.add_argument("--sweeps", default="routes,stream", help="which sweeps a list of client counts runs")
     parser.add_argument("--plot", default=None, help="write the sweeps' figure here (PNG)")
+    parser.add_argument("--save", default=None, help="write the sweeps' measurements here (JSON)")
+    parser.add_argument("--load", default=None,
+                        help="comma-separated JSON files of --save: print and plot those instead of measuring")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
     return parser.parse_args(argv)
 
@@ -395,25 +398,48 @@ def run_cell(args, spec) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def route_row(row) -> str:
+    label = row["route"] if row["energy"] == 1 else f"{row['route']} τ={row['energy']:g}"
+    err = f"{row['error']:.1e} / {row['true_error']:.1e}" if "true_error" in row else "exact"
+    n = row["clients"]
+    return (f"{n:>6}{n * row['rank']:>7}  {label:<18}{row['taken']:<10}{row['width']:>7}{row['cpu']:>10.2f}"
+            f"{row['wall']:>10.2f}{row['working_mib']:>12,.0f}{err:>22}")
+
+
+def stream_row(row) -> str:
+    title = (f"tiny ({row['layers']} layers, r={TINY_RANK})" if row["shapes"] == "tiny"
+             else f"7B ({row['layers']} of {row['dim']}², r={row['rank']})")
+    err = f"{row['error']:.1e}" if row["mode"] == "sketch" else ""
+    return (f"{title:<22}{row['clients']:>6}  {row['mode']:<8}{row['held_mib']:>10,.2f}{row['working_mib']:>12,.0f}"
+            f"{row['fold_cpu']:>9.2f}{row['finish_cpu']:>10.2f}{err:>14}  {','.join(row['routes'])}")
+
+
 def sweeps(args, counts):
+    """Measure (or, with ``--load``, read back) the sweeps; print them as they come; ``--save`` and ``--plot``."""
     base = {"dim": args.dim, "rank": args.rank, "dtype": args.dtype, "seed": args.seed}
     which = set(args.sweeps.split(","))
+    loaded = {"routes": [], "streams": []}
+    for path in args.load.split(",") if args.load else []:
+        with open(path) as f:
+            rows = json.load(f)
+        loaded["routes"] += rows["routes"]
+        loaded["streams"] += rows["streams"]
     routes, streams = [], []
-    print(f"device: {describe(torch.device(args.device))}; every measurement in a fresh process")
+    print(f"device: {describe(torch.device(args.device))}; every measurement in a fresh process"
+          if not args.load else f"read from {args.load}")
     if "routes" in which:
         print(f"\nroutes against N: one {args.dim}×{args.dim} layer, r = {args.rank}, {args.dtype}; working memory "
               "= peak above the inputs; error = ‖M − U S Vh‖_F / ‖M‖_F (sketch: estimated / true)")
         print(f"{'N':>6}{'Σr':>7}  {'route':<18}{'taken':<10}{'width':>7}{'CPU s':>10}{'wall s':>10}"
               f"{'memory MiB':>12}{'error (est / true)':>22}")
-        for n in counts:
-            for route, energy in ROUTES:
-                energy = args.energy if energy < 1 else 1.0
-                row = run_cell(args, {**base, "cell": "route", "route": route, "energy": energy, "clients": n})
+        cells = [(n, route, args.energy if energy < 1 else 1.0) for n in counts for route, energy in ROUTES]
+        for n, route, energy in cells:
+            spec = {**base, "cell": "route", "route": route, "energy": energy, "clients": n}
+            row = next((r for r in loaded["routes"] if all(r[k] == v for k, v in spec.items())), None) \
+                if args.load else run_cell(args, spec)
+            if row is not None:
                 routes.append(row)
-                label = route if energy == 1 else f"{route} τ={energy:g}"
-                err = f"{row['error']:.1e} / {row['true_error']:.1e}" if "true_error" in row else "exact"
-                print(f"{n:>6}{n * args.rank:>7}  {label:<18}{row['taken']:<10}{row['width']:>7}{row['cpu']:>10.2f}"
-                      f"{row['wall']:>10.2f}{row['working_mib']:>12,.0f}{err:>22}", flush=True)
+                print(route_row(row), flush=True)
     if "stream" in which:
         print("\nstreaming: a round of N clients, replies made one at a time. hold: the server keeps every reply, "
               "then decomposes each layer by the auto route; "
@@ -422,18 +448,19 @@ def sweeps(args, counts):
               "(folding and finishing)")
         print(f"{'shapes':<22}{'N':>6}  {'mode':<8}{'held MiB':>10}{'memory MiB':>12}{'fold s':>9}{'finish s':>10}"
               f"{'sketch error':>14}  routes")
-        for shapes, layers in (("tiny", TINY_BLOCKS * 4), ("7b", args.stream_layers)):
-            title = (f"tiny ({layers} layers, r={TINY_RANK})" if shapes == "tiny"
-                     else f"7B ({layers} of {args.dim}², r={args.rank})")
-            for n in counts:
-                for mode in STREAMS:
-                    row = run_cell(args, {**base, "cell": "stream", "shapes": shapes, "layers": layers,
-                                          "mode": mode, "clients": n})
-                    streams.append(row)
-                    err = f"{row['error']:.1e}" if mode == "sketch" else ""
-                    print(f"{title:<22}{n:>6}  {mode:<8}{row['held_mib']:>10,.2f}{row['working_mib']:>12,.0f}"
-                          f"{row['fold_cpu']:>9.2f}{row['finish_cpu']:>10.2f}{err:>14}  {','.join(row['routes'])}",
-                          flush=True)
+        cells = [(shapes, layers, n, mode) for shapes, layers in (("tiny", TINY_BLOCKS * 4), ("7b", args.stream_layers))
+                 for n in counts for mode in STREAMS]
+        for shapes, layers, n, mode in cells:
+            spec = {**base, "cell": "stream", "shapes": shapes, "layers": layers, "mode": mode, "clients": n}
+            row = next((r for r in loaded["streams"] if all(r[k] == v for k, v in spec.items())), None) \
+                if args.load else run_cell(args, spec)
+            if row is not None:
+                streams.append(row)
+                print(stream_row(row), flush=True)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump({"routes": routes, "streams": streams}, f, indent=1)
+        print(f"\nwrote {args.save}")
     if args.plot:
         plot(args, routes, streams)
     return routes, streams
