@@ -16,13 +16,14 @@ chunk per group, not the whole round's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from .cost import exact_cost, exact_route, sketch_cost, sketch_width_budget
-from .product import EXACT_KINDS, SVD_KINDS, ProductSVD, Terms
+from .product import SVD_KINDS, ProductSVD, Terms
 from .sketch import SketchOptions
 
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1 * 2**30}  # working memory of one chunk of SVDs (other devices: cuda's)
@@ -51,8 +52,7 @@ def choose_route(kind: str, d: int, k: int, q: int, energy: float = 1.0,
         expected = min(2 * sketch.first_width(widest_term), d, k, q)
         if sketch_cost(d, k, q, expected, sketch.niter, sketch.probes) < 0.5 * budget:
             width = sketch_width_budget(d, k, q, sketch.niter, sketch.probes, budget)
-            return "sketch", SketchOptions(sketch.tol, sketch.oversample, sketch.niter, sketch.probes,
-                                           min(width, sketch.max_width or width), sketch.seed)
+            return "sketch", dataclasses.replace(sketch, max_width=min(width, sketch.max_width or width))
     return exact, sketch
 
 
@@ -179,6 +179,3 @@ def svds(terms: Mapping[str, Terms], kind: str = "factored", batched: bool = Tru
         raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
     return dict(decompose(terms, kind, batched=batched).items())
 
-
-__all__ = ["BATCHED_KINDS", "CHUNK_BYTES", "EXACT_KINDS", "Decompositions", "choose_route", "decompose", "svds",
-           "sketch_tolerance"]
