@@ -63,7 +63,7 @@ def make_fixture(folder: Path) -> None:
             for extra in run.iterdir():
                 if extra.name not in KEPT:
                     shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-    study_io.write(study, study_io.read_back(study, folder), folder, plots=False)
+    study_io.write(study, study_io.read_back(study, folder), folder, draw=False)
 
 
 KEPT = ("config.json", "metrics.jsonl", "summary.json")

@@ -16,7 +16,19 @@ read back, never redone, and an interrupted one resumes from its checkpoint, so 
 
 from .runner import RunResult, claim, execute, release, run_folder, state
 from .spec import Cell, Study, StudyError, load
-from .summary import Band, CellSummary, Interval, curves, interval, run_metrics, summarize, write
+from .summary import (
+    Band,
+    CellSummary,
+    Interval,
+    curves,
+    detectable_difference,
+    interval,
+    read_back,
+    run_metrics,
+    summarize,
+    write,
+)
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "execute", "interval", "load", "release", "run_folder", "run_metrics", "state", "summarize", "write"]
+           "detectable_difference", "execute", "interval", "load", "read_back", "release", "run_folder", "run_metrics",
+           "state", "summarize", "write"]
