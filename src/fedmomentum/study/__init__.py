@@ -12,6 +12,7 @@ A study file (TOML or YAML) holds:
 
 Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
 read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
+``read_back`` reads a study's finished runs from their files alone, so its tables can be recomputed from them.
 """
 
 from .runner import RunResult, claim, execute, release, run_folder, state
