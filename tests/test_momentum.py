@@ -10,6 +10,7 @@ cosine or ratio whose matrices are ``κ`` times smaller than their factors (``c�
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -198,14 +199,14 @@ def test_measures_of_real_methods_match_dense_references(name):
                for n, s in SHAPES.items()}
     state, reference, push = MomentumState(), Reference(), {n: torch.randn(s[0], RANK, generator=generator)
                                                              for n, s in SHAPES.items()}
-    for t in range(4):
+    for t in range(1, 5):
         trains = method.trainable(t)
         updates = [ClientUpdate({n: LoraPair(p.A + trains["A"] * 0.1 * torch.randn(p.A.shape, generator=generator),
                                              p.B + trains["B"] * (0.1 * push[n]
                                                                   + 0.05 * torch.randn(p.B.shape, generator=generator)))
                                  for n, p in adapter.items()}, num_examples=10 + 5 * i, client_id=str(i))
                    for i in range(3)]
-        result = method.aggregate(adapter, updates, scaling=SCALING, round=t)
+        result = method.aggregate(adapter, updates, scaling=SCALING, t=t)
         clients, weights = [u.factors for u in updates], method.client_weights(updates)
         got, state = measure(state, adapter, result.lora, result.backbone, SCALING, clients, weights)
         want = reference.round(adapter, result.lora, result.backbone, clients, weights)
@@ -361,14 +362,14 @@ def test_bad_input_is_one_clear_error(change, message):
 
 @pytest.mark.parametrize("method", ["fedmomentum", "fedit"])
 def test_measured_in_a_run_matches_the_models_own_weights(tmp_path, tiny_model, small_config, method):
-    """A run of the tiny model with the measures taken each round (``Measuring``, as the driver will): the round's
+    """A run of the tiny model, whose driver takes the measures each round: the round's
     change, alignment and path efficiency equal those of the model's own dense effective weights ``W + s·B·A`` read
     before and after every round, up to the float32 rounding of adding a delta to ``W`` in place; the fields are in
     ``metrics.jsonl`` and, per layer, in ``aggregation.jsonl``."""
+    from fedmomentum import driver, simulation
     from fedmomentum.peft_io import get_backbone, get_lora
-    from momentum_helpers import Measuring, measured_run
 
-    class Snapshots(Measuring):
+    class Snapshots(simulation.InProcess):
         def __init__(self, *args):
             super().__init__(*args)
             self.weights, self.bounds = [], []
@@ -377,13 +378,12 @@ def test_measured_in_a_run_matches_the_models_own_weights(tmp_path, tiny_model, 
             lora, backbone = get_lora(self.setup.model), get_backbone(self.setup.model)
             return {n: np64(backbone[n]) + self.setup.scaling * dense(lora[n]) for n in lora}, backbone
 
-        def train_round(self, round, global_lora, trainable, lr):
+        def train_round(self, t, state, trainable, lr):
             if not self.weights:
                 self.weights.append(self.effective()[0])
-            return super().train_round(round, global_lora, trainable, lr)
+            return super().train_round(t, state, trainable, lr)
 
-        def after_round(self, round, previous, result, record, out):
-            super().after_round(round, previous, result, record, out)
+        def after_round(self, t, previous, result, record, out):
             weights, backbone = self.effective()
             self.weights.append(weights)
             # W += L @ R in float32, in place: ≤ ε₃₂ (‖W‖ + q‖L‖‖R‖) off the exact sum, per layer
@@ -392,7 +392,9 @@ def test_measured_in_a_run_matches_the_models_own_weights(tmp_path, tiny_model, 
                 for n, d in result.backbone.items())))
 
     config = small_config(tmp_path / "run", method=method, rounds=3)
-    _, engine = measured_run(config, *tiny_model, engine_class=Snapshots)
+    setup, plain = simulation.engine(config, copy.deepcopy(tiny_model[0]), tiny_model[1])
+    engine = Snapshots(setup, plain.client_data, plain.ids)
+    driver.run(setup, engine, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
     changes = [{n: after[n] - before[n] for n in after} for before, after in zip(engine.weights, engine.weights[1:],
                                                                                   strict=False)]
