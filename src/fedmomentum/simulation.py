@@ -12,7 +12,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from .build import Setup, client_examples, client_ids, encode_all, prepare
+from .build import Setup, client_examples, client_id, client_ids, encode_all, prepare
 from .client import train_round
 from .config import RunConfig
 from .driver import ClientRound, Engine
@@ -29,7 +29,7 @@ class InProcess(Engine):
     def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None,
                  quiet: bool = False):
         self.setup, self.client_data = setup, client_data
-        self.ids = ids or [f"client-{index}" for index in range(len(client_data))]
+        self.ids = ids or [client_id(index) for index in range(len(client_data))]
         self.ranks = client_ranks(setup.config)
         self.quiet = quiet
 
