@@ -37,7 +37,7 @@ def main() -> None:
         updates = [fm.ClientUpdate({n: fm.LoraPair(p.A + 0.01 * torch.randn_like(p.A), torch.randn(p.B.shape) * 0.01)
                                     for n, p in lora.items()}, num_examples=10 + i) for i in range(args.clients)]
         started = time.perf_counter()
-        result = method.aggregate(lora, updates, scaling=2.0, round=t)
+        result = method.aggregate(lora, updates, scaling=2.0, t=t + 1)
         spent["aggregate"] += time.perf_counter() - started
         started = time.perf_counter()
         change.add(result.backbone)

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
         print(f"{'option':24s} {'downlink MB':>11s} {'× fedit':>8s} {'rel. error':>11s}")
         fedit_bytes = None
         for label, (name, options) in OPTIONS.items():
-            agg = fm.methods.create(name, **options).aggregate(global_lora, updates, scaling=SCALING, round=0)
+            agg = fm.methods.create(name, **options).aggregate(global_lora, updates, scaling=SCALING)
             sent = agg.stats["downlink_bytes"]
             fedit_bytes = fedit_bytes or sent
             print(f"{label:24s} {sent / 1e6:11.2f} {sent / fedit_bytes:8.2f} "

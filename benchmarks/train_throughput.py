@@ -28,7 +28,6 @@ from fedmomentum.client import batches
 from fedmomentum.config import RunConfig
 from fedmomentum.evaluate import family_accuracy, family_losses
 from fedmomentum.models import SHAPES, random_model, resolve_dtype
-from fedmomentum.peft_io import get_backbone, get_lora
 from fedmomentum.schedule import client_seed, round_lr, sample_clients
 
 
@@ -81,13 +80,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def tokens_of_round(config: RunConfig, engine, round: int) -> tuple[int, int]:
+def tokens_of_round(config: RunConfig, engine, t: int) -> tuple[int, int]:
     """Training tokens of the round's client batches (as ``client.train_client`` draws them): real and padded."""
     real = padded = 0
     cfg = config.train_config()
-    for client in sample_clients(config, round):
+    for client in sample_clients(config, t):
         data = engine.client_data[client]
-        generator = torch.Generator().manual_seed(client_seed(config, round, client))
+        generator = torch.Generator().manual_seed(client_seed(config, t, client))
         for index in batches(len(data), cfg, generator):
             lengths = [len(data[i]["input_ids"]) for i in index]
             real += sum(lengths)
@@ -120,22 +119,22 @@ def main(argv=None) -> dict:
           f"(≤ {args.max_length} tokens)\ndevice: {device.type} ({where}); torch {torch.__version__}; "
           f"model built in {built:.1f} s, data and LoRA in {prepared:.1f} s\n")
 
-    rows, global_lora = [], get_lora(setup.model)
+    rows, state = [], driver.start(setup, engine)
     header = (f"{'round':>5} {'train s':>8} {'tokens/s':>9} {'(padded)':>9} {'aggr. s':>8} {'apply s':>8} "
               f"{'eval s':>7} {'gen. s':>7} {'ckpt s':>7} {'round s':>8} {'peak GiB':>9}")
     print(header)
-    for round in range(args.rounds):
+    for t in range(1, args.rounds + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timer, last = Timer(device), round + 1 == args.rounds
-        lr = round_lr(config.lr, config.lr_schedule, round, config.rounds)
+        timer, last = Timer(device), t == args.rounds
+        lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
         with timer("train"):
-            trained = engine.train_round(round, global_lora, setup.method.trainable(round), lr)
-        with timer("aggregate+apply"):  # the method's aggregation, then the model's update (backbone, adapter)
-            result, seconds = driver.aggregate(setup, global_lora, trained.updates, round)
-        timer.parts["aggregate"] = seconds
-        timer.parts["apply"] = timer.parts.pop("aggregate+apply") - seconds
-        global_lora = result.lora
+            trained = engine.train_round(t, state, setup.method.trainable(t), lr)
+        with timer("aggregate"):
+            result = setup.method.aggregate(state.lora, trained.updates, scaling=setup.scaling, t=t,
+                                            state=state.method)
+        with timer("apply"):  # the model's update (backbone, adapter)
+            state = driver.advance(setup, state, result, trained.updates, t)
         with timer("evaluate"):
             family_losses(setup.model, setup.eval_data, config.eval_batch_size, tokenizer.pad_token_id)
         if last and args.accuracy_per_family:
@@ -143,10 +142,9 @@ def main(argv=None) -> dict:
                 family_accuracy(setup.model, tokenizer, setup.accuracy_examples, args.max_new_tokens,
                                 config.eval_batch_size)
         with timer("checkpoint"):
-            checkpoint.save(out / driver.CHECKPOINT, checkpoint.Checkpoint(
-                round + 1, global_lora, get_backbone(setup.model), result.held, {}))
-        real, padded = tokens_of_round(config, engine, round)
-        row = {"round": round + 1, **{f"{k}_s": v for k, v in timer.parts.items()},
+            checkpoint.save(out / driver.CHECKPOINT, state, {})
+        real, padded = tokens_of_round(config, engine, t)
+        row = {"round": t, **{f"{k}_s": v for k, v in timer.parts.items()},
                "round_s": sum(timer.parts.values()), "train_tokens": real, "train_tokens_padded": padded,
                "tokens_per_s": real / timer.parts["train"], "padded_tokens_per_s": padded / timer.parts["train"],
                "peak_memory_gib": peak_memory_gib(device), "train_loss": sum(trained.losses) / len(trained.losses)}

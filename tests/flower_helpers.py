@@ -34,7 +34,7 @@ from fedmomentum.flower import LoraStrategy, wire
 from fedmomentum.flower import client_app as flower_client
 from fedmomentum.flower.exchange import Exchange
 from fedmomentum.flower.local_data import server_held_out
-from fedmomentum.peft_io import apply_backbone, get_backbone
+from fedmomentum.peft_io import apply_backbone, backbone_of, get_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -285,7 +285,7 @@ class LocalGrid:
                                          node_config=config)
 
     def _events(self, kinds: tuple[str, ...]) -> None:
-        due = self.events.get(self.strategy.round if self.strategy else 0, [])
+        due = self.events.get(self.strategy.rounds_done if self.strategy else 0, [])
         for action in [a for a in due if a[0] in kinds]:
             due.remove(action)
             if action[0] == "join":
@@ -369,22 +369,31 @@ def run_local(config: RunConfig, grid: LocalGrid, resume: bool = False, seen: li
 def node_backbone(context: Context, config: RunConfig, extra=None) -> dict[str, torch.Tensor]:
     """The backbone a node rebuilds from the base model and the deltas in its state (then ``extra``)."""
     model, _ = build.peft_model(config)
+    backbone = backbone_of(model)
     log = wire.record_to_deltas(context.state.array_records[flower_client.STATE_LOG])
-    for round in sorted(log):
-        apply_backbone(model, log[round])
-    apply_backbone(model, extra or {})
+    for entry in sorted(log):
+        apply_backbone(model, log[entry], backbone)
+    apply_backbone(model, extra or {}, backbone)
     return get_backbone(model)
 
 
-def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint, atol: float = 1e-5) -> None:
-    assert a.round == b.round
+def assert_same_state(a: Path, b: Path, atol: float = 1e-5) -> None:
+    """The checkpoints at ``a`` and ``b`` hold the same server state (to ``atol``)."""
+    a, b = checkpoint.load(a)[0], checkpoint.load(b)[0]
+    assert a.rounds_done == b.rounds_done
     assert set(a.lora) == set(b.lora) and set(a.backbone) == set(b.backbone)
     for name in a.lora:
         torch.testing.assert_close(a.lora[name].A, b.lora[name].A, atol=atol, rtol=1e-4 if atol else 0.0)
         torch.testing.assert_close(a.lora[name].B, b.lora[name].B, atol=atol, rtol=1e-4 if atol else 0.0)
     for name in a.backbone:
         torch.testing.assert_close(a.backbone[name], b.backbone[name], atol=atol, rtol=1e-4 if atol else 0.0)
-    assert set(a.held) == set(b.held)
+    for ours, theirs in [(a.method, b.method), *((a.clients[c], b.clients.get(c, {})) for c in a.clients)]:
+        assert ours.keys() == theirs.keys()
+        for slot, layers in ours.items():
+            assert layers.keys() == theirs[slot].keys()
+            for name, value in layers.items():
+                torch.testing.assert_close(value, theirs[slot][name], atol=atol, rtol=1e-4 if atol else 0.0)
+    assert a.clients.keys() == b.clients.keys()
 
 
 # --- real Flower processes on loopback ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 import fedmomentum as fm
 from fedmomentum import checkpoint, linalg
+from fedmomentum.state import ServerState
 
 SCALING = 2.0
 # q, k, v, o of three blocks with GQA shapes (k, v: 16×32): two shape groups of six layers each
@@ -92,12 +93,13 @@ def test_the_batched_route_gives_the_per_layer_results(method, options, ranks):
     per_layer = fm.methods.create(method, batched=False, **options)
     batched = fm.methods.create(method, **options)
     assert batched.batched and not per_layer.batched
-    for round in range(3):  # rounds 2 and 3 start from the previous adapter (and held residuals)
-        a = per_layer.aggregate(global_lora, updates, scaling=SCALING, round=round)
-        b = batched.aggregate(global_lora, updates, scaling=SCALING, round=round)
+    state_a = state_b = {}
+    for t in range(1, 4):  # rounds 2 and 3 start from the previous adapter (and held residuals)
+        a = per_layer.aggregate(global_lora, updates, scaling=SCALING, t=t, state=state_a)
+        b = batched.aggregate(global_lora, updates, scaling=SCALING, t=t, state=state_b)
         assert_same(a, b, updates)
-        global_lora = b.lora
-        updates = make_round(round + 1, ranks)[1]
+        global_lora, state_a, state_b = b.lora, a.state, b.state
+        updates = make_round(t, ranks)[1]
 
 
 def test_the_tolerance_still_catches_a_wrong_route():
@@ -175,13 +177,14 @@ def test_held_residuals_that_are_views_of_a_batch_still_checkpoint(tmp_path):
     """With merge_every > 1 the held residual's left factor is a view of the round's batch: safetensors must take it."""
     global_lora, updates = make_round(0, [4, 4, 4])
     method = fm.methods.create("fedmomentum", merge_every=2)
-    result = method.aggregate(global_lora, updates, scaling=SCALING, round=0)
-    assert result.held and not result.backbone
+    result = method.aggregate(global_lora, updates, scaling=SCALING)
+    assert result.state and not result.backbone
     path = tmp_path / "c.safetensors"
-    checkpoint.save(path, checkpoint.Checkpoint(1, result.lora, {}, result.held, {}))
-    loaded = checkpoint.load(path)
-    for name, delta in result.held.items():
-        assert torch.equal(loaded.held[name].left, delta.left) and torch.equal(loaded.held[name].right, delta.right)
+    checkpoint.save(path, ServerState(1, result.lora, method=result.state), {})
+    loaded, _ = checkpoint.load(path)
+    assert loaded.method.keys() == result.state.keys()
+    for slot, layers in result.state.items():
+        assert all(torch.equal(loaded.method[slot][name], value) for name, value in layers.items())
 
 
 def test_batched_must_be_a_bool():

@@ -186,7 +186,7 @@ def test_a_full_disk_names_the_file_and_resume_continues(tmp_path, monkeypatch):
         line = one_line_error(invoke("run", *SMALL, "--rounds", "2", "--out", out))
     assert str(out / "checkpoint.safetensors") in line and "disk is full" in line
     assert f"fedmomentum run --resume {out}" in line
-    assert checkpoint.load(out / driver.CHECKPOINT).round == 1
+    assert checkpoint.load(out / driver.CHECKPOINT)[0].rounds_done == 1
     result = invoke("run", "--resume", out)  # the disk has room again: round 2 is trained again, round 1 is kept
     assert result.exit_code == 0, result.output
     assert "resuming after round 1" in result.output
@@ -310,7 +310,7 @@ def test_a_run_that_stopped_before_its_first_round_resumes_from_scratch(tmp_path
 def test_resume_takes_only_what_may_change_and_says_what_differs(tmp_path):
     out = tmp_path / "run"
     assert invoke("run", *SMALL, "--out", out).exit_code == 0
-    first = checkpoint.load(out / driver.CHECKPOINT).info["seconds"]
+    first = checkpoint.load(out / driver.CHECKPOINT)[1]["seconds"]
 
     other = tmp_path / "other.toml"
     other.write_text("lr = 0.01\nseed = 3\nrounds = 2\n")
@@ -342,9 +342,24 @@ def test_resume_replaces_the_exports_whole(tmp_path):
     result = invoke("run", "--resume", out, "--rounds", "2", "--set", "export_merged=false")
     assert result.exit_code == 0, result.output
     assert not (out / "merged").exists()  # no merged model of round 1 beside the round-2 adapter
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    text = (out / "adapter" / "adapter_config.json").read_text()
+    adapter = json.loads(text)
+    assert adapter["base_model_name_or_path"] == "../base"  # relative to the adapter: no path of this machine
+    assert (out / "adapter" / adapter["base_model_name_or_path"]).resolve() == (out / "base").resolve()
+    assert str(tmp_path) not in text
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_writes_files_others_can_read(tmp_path):
+    """The checkpoint and every record get the usual permissions (0666 less the umask), as any file would."""
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    finally:
+        os.umask(old)
+    for name in (driver.CHECKPOINT, "metrics.jsonl", "summary.json", "config.json", "curves.png"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
 
 
 # --- compare -------------------------------------------------------------------------------------------------

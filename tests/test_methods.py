@@ -112,7 +112,7 @@ def test_exact_methods_keep_the_weighted_average(name, opts, case, dtype, tol):
     global_lora, updates = make_round(11, d, k, ranks, rank)
     method = fm.methods.create(name, dtype=dtype, **opts)
     assert method.exact
-    agg = method.aggregate(global_lora, updates, scaling=SCALING, round=0)
+    agg = method.aggregate(global_lora, updates, scaling=SCALING)
     p = weights_of(updates)
     for layer in global_lora:
         assert agg.lora[layer].A.dtype == getattr(torch, dtype)
@@ -122,8 +122,8 @@ def test_exact_methods_keep_the_weighted_average(name, opts, case, dtype, tol):
         assert rel(merged(agg, layer), expected) < (1e-4 if opts.get("svd") == "randomized" else tol)
 
 
-@pytest.mark.parametrize("name, shared, rounds", [("ffa-lora", "A", [0, 1, 2]), ("rolora", "A", [0, 2]),
-                                                  ("rolora", "B", [1, 3])])
+@pytest.mark.parametrize("name, shared, rounds", [("ffa-lora", "A", [1, 2, 3]), ("rolora", "A", [1, 3]),
+                                                  ("rolora", "B", [2, 4])])
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
 def test_one_factor_methods_are_exact_with_a_shared_frozen_factor(name, shared, rounds, case):
     d, k, ranks, rank = case
@@ -132,7 +132,7 @@ def test_one_factor_methods_are_exact_with_a_shared_frozen_factor(name, shared, 
     p = weights_of(updates)
     for t in rounds:
         assert method.trainable(t) == {"A": shared != "A", "B": shared != "B"}
-        agg = method.aggregate(global_lora, updates, scaling=SCALING, round=t)
+        agg = method.aggregate(global_lora, updates, scaling=SCALING, t=t)
         assert not agg.backbone
         for layer, pair in global_lora.items():
             frozen = agg.lora[layer].A if shared == "A" else agg.lora[layer].B
@@ -142,17 +142,18 @@ def test_one_factor_methods_are_exact_with_a_shared_frozen_factor(name, shared, 
 
 def test_rolora_alternates_and_ffa_lora_freezes_A():
     rolora, ffa = fm.methods.create("rolora"), fm.methods.create("ffa-lora")
-    assert [rolora.trainable(t) for t in range(4)] == [{"A": False, "B": True}, {"A": True, "B": False}] * 2
-    assert all(ffa.trainable(t) == {"A": False, "B": True} for t in range(4))
-    # with a shared B, RoLoRA's odd round averages A; in an even round it would keep the global A instead
+    assert [rolora.trainable(t) for t in range(1, 5)] == [{"A": False, "B": True}, {"A": True, "B": False}] * 2
+    assert rolora.trainable(0) == rolora.trainable(1)  # before training: as round 1
+    assert all(ffa.trainable(t) == {"A": False, "B": True} for t in range(5))
+    # with a shared B, RoLoRA's even round averages A; in an odd round it would keep the global A instead
     global_lora, updates = make_round(13, 20, 16, [3, 3, 3], 3, shared="B")
     p = weights_of(updates)
-    odd = rolora.aggregate(global_lora, updates, scaling=1.0, round=1)
-    even = rolora.aggregate(global_lora, updates, scaling=1.0, round=2)
+    even = rolora.aggregate(global_lora, updates, scaling=1.0, t=2)
+    odd = rolora.aggregate(global_lora, updates, scaling=1.0, t=3)
     for layer, pair in global_lora.items():
         mean_A = sum(w * np64(u.factors[layer].A) for w, u in zip(p, updates, strict=True))
-        np.testing.assert_allclose(np64(odd.lora[layer].A), mean_A, rtol=0, atol=1e-6)
-        assert torch.equal(even.lora[layer].A, pair.A)
+        np.testing.assert_allclose(np64(even.lora[layer].A), mean_A, rtol=0, atol=1e-6)
+        assert torch.equal(odd.lora[layer].A, pair.A)
 
 
 @pytest.mark.parametrize("split", ["balanced", "left"])
@@ -183,8 +184,8 @@ def test_fedmomentum_restarts_slots_the_aggregate_cannot_fill():
     the others get B column 0 and a fresh (nonzero, seeded) A row; still exact."""
     global_lora, updates = make_round(15, 30, 20, [1, 1, 1], 4, same=True)
     method = fm.methods.create("fedmomentum")
-    agg = method.aggregate(global_lora, updates, scaling=SCALING, round=3)
-    again = fm.methods.create("fedmomentum").aggregate(global_lora, updates, scaling=SCALING, round=3)
+    agg = method.aggregate(global_lora, updates, scaling=SCALING, t=4)
+    again = fm.methods.create("fedmomentum").aggregate(global_lora, updates, scaling=SCALING, t=4)
     p = weights_of(updates)
     for layer in global_lora:
         B, A = np64(agg.lora[layer].B), np64(agg.lora[layer].A)
@@ -323,8 +324,8 @@ def test_fedex_lora_refuses_clients_above_the_global_rank():
 
 def test_flora_restarts_the_adapter_from_a_seeded_init():
     global_lora, updates = make_round(23, 30, 64, [3] * 3, 3)
-    runs = [fm.methods.create("flora", seed=s).aggregate(global_lora, updates, scaling=SCALING, round=t)
-            for s, t in [(0, 0), (0, 0), (1, 0), (0, 1)]]
+    runs = [fm.methods.create("flora", seed=s).aggregate(global_lora, updates, scaling=SCALING, t=t)
+            for s, t in [(0, 1), (0, 1), (1, 1), (0, 2)]]
     for layer, pair in global_lora.items():
         A = [run.lora[layer].A for run in runs]
         assert torch.all(runs[0].lora[layer].B == 0)
@@ -352,7 +353,7 @@ def test_fedex_lora_backbone_is_the_fedit_gap():
 def test_round_stats():
     global_lora, updates = make_round(25, 20, 16, [3] * 3, 3)
     for name in fm.methods.names():
-        agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING, round=4)
+        agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING, t=4)
         stats = agg.stats
         assert stats["method"] == name and stats["round"] == 4 and stats["clients"] == 3
         assert stats["rank_kept"] == 3
@@ -371,7 +372,7 @@ def test_all_zero_products(name):
     for u in updates:
         for layer, pair in list(u.factors.items()):
             u.factors[layer] = fm.LoraPair(global_lora[layer].A.clone(), torch.zeros_like(pair.B))
-    agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING, round=0)
+    agg = fm.methods.create(name).aggregate(global_lora, updates, scaling=SCALING)
     assert not agg.backbone
     for layer in global_lora:
         assert torch.all(agg.lora[layer].B == 0) and torch.isfinite(agg.lora[layer].A).all()
@@ -427,10 +428,10 @@ def test_frlora_folds_the_round_into_the_backbone_and_restarts_at_the_same_init(
     backbone = {layer: np64(W) + np64(start.backbone[layer].dense()) for layer, W in W0.items()}
     reference = {layer: np64(W) for layer, W in W0.items()}  # the full model W + s B A, replayed in float64
     adapter = start.lora
-    for t in range(3):
-        _, updates = make_round(40 + t, 26, 20, [3, 3, 3, 3], 3)
+    for t in range(1, 4):
+        _, updates = make_round(39 + t, 26, 20, [3, 3, 3, 3], 3)
         p = weights_of(updates)
-        agg = method.aggregate(adapter, updates, scaling=SCALING, round=t)
+        agg = method.aggregate(adapter, updates, scaling=SCALING, t=t)
         for layer, init in start.lora.items():
             assert torch.equal(agg.lora[layer].A, init.A) and torch.equal(agg.lora[layer].B, init.B)
             B0A0 = np64(init.B) @ np64(init.A)
@@ -452,7 +453,7 @@ def test_frlora_folds_the_round_into_the_backbone_and_restarts_at_the_same_init(
     for layer, init in start.lora.items():
         model = backbone[layer] + SCALING * np64(init.B) @ np64(init.A)
         assert rel(model, reference[layer]) < 1e-5
-    assert not method.state_dict()  # nothing held: the init is the global adapter itself
+    assert not agg.state  # nothing held: the init is the global adapter itself
     # the clients already hold (A₀, B₀): the downlink is the backbone delta alone
     assert agg.stats["downlink_bytes"] == 4 * sum(d.left.numel() + d.right.numel() for d in agg.backbone.values())
 
@@ -465,8 +466,8 @@ def test_fedsa_lora_shares_A_and_each_client_keeps_its_B():
     p = weights_of(updates)
     method = fm.methods.create("fedsa-lora")
     assert method.local == ("B",) and not method.exact
-    agg = method.aggregate(global_lora, updates, scaling=SCALING, round=2)
-    assert method.shared(2) == {"A": True, "B": False}
+    agg = method.aggregate(global_lora, updates, scaling=SCALING, t=3)
+    assert method.shared(3) == {"A": True, "B": False}
     for layer in global_lora:
         mean_A = sum(w * np64(u.factors[layer].A) for w, u in zip(p, updates, strict=True))
         mean_B = sum(w * np64(u.factors[layer].B) for w, u in zip(p, updates, strict=True))
@@ -551,8 +552,8 @@ def test_client_start_at_its_own_rank(client_rank):
     global_lora, _ = make_round(35, 30, 22, [4], 4)
     s, s_k = ALPHA / 4, ALPHA / client_rank
     method = fm.methods.create("fedmomentum")
-    start = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, round=3)
-    again = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, round=3)
+    start = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, t=4)
+    again = method.client_start(global_lora, rank=client_rank, scaling=s_k, global_scaling=s, t=4)
     for layer, pair in global_lora.items():
         B, A = np64(start[layer].B), np64(start[layer].A)
         assert B.shape == (pair.shape[0], client_rank) and A.shape == (client_rank, pair.shape[1])

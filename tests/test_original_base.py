@@ -112,7 +112,7 @@ def test_the_change_survives_a_resume(tmp_path, tiny_model, small_config):
     original = copy.deepcopy(tiny_model[0])
     config = small_config(tmp_path / "run", method="fedex-lora", rounds=1, export_merged=True, accuracy_per_family=0)
     simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
-    assert checkpoint.load(tmp_path / "run" / driver.CHECKPOINT).change
+    assert checkpoint.load(tmp_path / "run" / driver.CHECKPOINT)[0].change
     longer = config.replace(rounds=2)
     simulation.run(longer, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], resume=True, quiet=True)
     out = tmp_path / "run"

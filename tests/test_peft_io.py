@@ -8,7 +8,16 @@ import pytest
 import torch
 
 import fedmomentum as fm
-from fedmomentum.peft_io import add_lora, apply_backbone, get_backbone, get_lora, lora_layers, scaling, set_lora
+from fedmomentum.peft_io import (
+    add_lora,
+    apply_backbone,
+    backbone_of,
+    get_backbone,
+    get_lora,
+    lora_layers,
+    scaling,
+    set_lora,
+)
 
 
 @pytest.fixture
@@ -69,14 +78,18 @@ def test_apply_backbone_adds_left_times_right(tiny_model, dtype):
     g = torch.Generator().manual_seed(0)
     deltas = {name: fm.LowRank(torch.randn(w.shape[0], 3, generator=g), torch.randn(3, w.shape[1], generator=g))
               for name, w in before.items()}
-    apply_backbone(model, deltas)
-    after, layers = get_backbone(model), lora_layers(model)
+    backbone = backbone_of(model)
+    apply_backbone(model, deltas, backbone)
+    layers = lora_layers(model)
     for name, delta in deltas.items():
         expected = before[name].float() + delta.dense()
-        torch.testing.assert_close(after[name], expected)  # the backbone (a float32 master for a bf16 weight)
+        torch.testing.assert_close(backbone[name], expected)  # the backbone (a float32 master for a bf16 weight)
+        assert backbone[name].dtype == torch.float32
         torch.testing.assert_close(layers[name].get_base_layer().weight, expected.to(dtype))  # what the model uses
+        if dtype == torch.float32:  # no copy: the backbone is the model's own weight
+            assert backbone[name].data_ptr() == layers[name].get_base_layer().weight.data_ptr()
     with pytest.raises(ValueError, match="does not adapt"):
-        apply_backbone(model, {"model.embed_tokens": next(iter(deltas.values()))})
+        apply_backbone(model, {"model.embed_tokens": next(iter(deltas.values()))}, backbone)
 
 
 def test_lora_layers_needs_lora(tiny_model):
@@ -116,7 +129,7 @@ def test_conv1d_layers_of_gpt2_get_the_weighted_average_of_the_client_models():
     result = fm.methods.create("fedmomentum").aggregate(global_lora, updates, scaling=scaling(model))
     set_lora(model, global_lora)
     assert all(torch.equal(get_backbone(model)[k], before[k]) for k in before)
-    apply_backbone(model, result.backbone)
+    apply_backbone(model, result.backbone, backbone_of(model))
     set_lora(model, result.lora)
     for name in layers:
         torch.testing.assert_close(effective(name).detach(), expected[name], atol=1e-5, rtol=1e-5)
@@ -143,7 +156,7 @@ def test_backbone_weights_are_out_by_in_and_frlora_starts_on_gpt2_conv1d():
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     start = fm.methods.create("frlora").start(get_lora(model), view, scaling=scaling(model))
-    apply_backbone(model, start.backbone)
+    apply_backbone(model, start.backbone, backbone_of(model))
     set_lora(model, start.lora)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from fedmomentum.models import resolve_dtype
 from fedmomentum.peft_io import (
     add_lora,
     apply_backbone,
-    backbone_dtypes,
+    backbone_of,
     export_merged,
     get_backbone,
     get_lora,
@@ -78,11 +78,12 @@ def test_a_bf16_base_stays_within_one_rounding_of_the_fp32_backbone_over_24_roun
     aggregator, global_lora, s = fm.methods.create(method), get_lora(reference), scaling(reference)
     total = {name: torch.zeros_like(w) for name, w in first.items()}  # Σ deltas, float64 would not change the story
     naive_errors, naive_drift = [], []
-    for round in range(24):
-        result = aggregator.aggregate(global_lora, client_updates(global_lora, round), scaling=s, round=round)
+    reference_backbone, backbone = backbone_of(reference), backbone_of(model)
+    for t in range(1, 25):
+        result = aggregator.aggregate(global_lora, client_updates(global_lora, t - 1), scaling=s, t=t)
         assert result.backbone, "the method must change the backbone for this test to mean anything"
-        apply_backbone(reference, result.backbone)
-        apply_backbone(model, result.backbone)
+        apply_backbone(reference, result.backbone, reference_backbone)
+        apply_backbone(model, result.backbone, backbone)
         naive_merge(naive, result.backbone)
         global_lora = result.lora
         for name, delta in result.backbone.items():
@@ -92,11 +93,11 @@ def test_a_bf16_base_stays_within_one_rounding_of_the_fp32_backbone_over_24_roun
                                 for n in total))  # the share of the deltas lost
         naive_drift.append(sum(float((naive_now[n].float() - ref_now[n]).norm()) for n in total))
     ref, ours, naive_w = get_backbone(reference), lora_layers(model), get_backbone(naive)
-    assert set(backbone_dtypes(model).values()) == {torch.float32}  # every layer got deltas, so has a master
+    assert {w.dtype for w in backbone.values()} == {torch.float32}  # every layer got deltas, so has a master
     for name, weight in ref.items():
         stored = ours[name].get_base_layer().weight.detach()
         assert stored.dtype == BF16
-        torch.testing.assert_close(get_backbone(model)[name], weight, rtol=0, atol=0)  # the master is the fp32 model
+        torch.testing.assert_close(backbone[name], weight, rtol=0, atol=0)  # the master is the fp32 model
         ulp = torch.finfo(BF16).eps * weight.abs().clamp(min=torch.finfo(BF16).tiny)  # ≥ one bf16 ulp of the value
         assert ((stored.float() - weight).abs() <= ulp / 2).all()  # within one rounding
         torch.testing.assert_close(weight - first[name], total[name], rtol=1e-4, atol=1e-6)
@@ -115,21 +116,23 @@ def test_checkpointed_masters_round_trip_and_exports_round_once(tiny_model, tmp_
     g = torch.Generator().manual_seed(1)
     delta = {n: fm.LowRank(1e-4 * torch.randn(layers[n].out_features, 2, generator=g),
                            torch.randn(2, layers[n].in_features, generator=g)) for n in names[:2]}
-    apply_backbone(model, delta)
-    saved = get_backbone(model)
+    backbone = backbone_of(model)
+    apply_backbone(model, delta, backbone)
+    saved = {n: w.clone() for n, w in backbone.items()}  # what a checkpoint holds
     assert {saved[n].dtype for n in names[:2]} == {torch.float32} and saved[names[2]].dtype == BF16
 
     fresh = add_lora(copy.deepcopy(tiny_model[0]).to(BF16), r=4, alpha=8)
-    set_backbone(fresh, saved)
-    assert backbone_dtypes(fresh) == backbone_dtypes(model)
-    assert all(torch.equal(get_backbone(fresh)[n], saved[n]) for n in names)
-    apply_backbone(model, delta)
-    apply_backbone(fresh, delta)
-    assert all(torch.equal(get_backbone(fresh)[n], get_backbone(model)[n]) for n in names)
+    fresh_backbone = set_backbone(fresh, saved)
+    assert {n: w.dtype for n, w in fresh_backbone.items()} == {n: w.dtype for n, w in backbone.items()}
+    assert all(torch.equal(fresh_backbone[n], saved[n]) for n in names)
+    assert all(torch.equal(get_backbone(fresh)[n], get_backbone(model)[n]) for n in names)  # the rounded weights
+    apply_backbone(model, delta, backbone)
+    apply_backbone(fresh, delta, fresh_backbone)
+    assert all(torch.equal(fresh_backbone[n], backbone[n]) for n in names)
     with pytest.raises(ValueError, match="does not fit"):
         set_backbone(fresh, {**saved, names[0]: torch.zeros(3, 3)})
 
-    export_merged(model, tmp_path / "base", merge=False)
+    export_merged(model, tmp_path / "base", merge=False, backbone=backbone)
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype="auto")
@@ -137,7 +140,7 @@ def test_checkpointed_masters_round_trip_and_exports_round_once(tiny_model, tmp_
     for name in names:
         exported = weights[f"{name}.weight"]
         assert exported.dtype == BF16
-        assert torch.equal(exported, get_backbone(model)[name].to(BF16))
+        assert torch.equal(exported, backbone[name].to(BF16))
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 

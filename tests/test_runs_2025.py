@@ -16,6 +16,7 @@ from fedmomentum.config import RunConfig
 from fedmomentum.peft_io import ADAPTER, get_backbone, get_lora, lora_layers
 from fedmomentum.records import check_report_to, read_metrics, scalars
 from fedmomentum.schedule import client_ranks, sample_clients
+from fedmomentum.state import ServerState
 
 
 class Capturing(simulation.InProcess):
@@ -33,8 +34,8 @@ class Capturing(simulation.InProcess):
 
         self.setup.method.client_start = client_start
 
-    def train_round(self, round, *args):
-        trained = super().train_round(round, *args)
+    def train_round(self, t, *args):
+        trained = super().train_round(t, *args)
         self.updates += trained.updates
         return trained
 
@@ -66,8 +67,9 @@ def test_frlora_start_keeps_the_model_and_a_round_folds_into_the_backbone(tmp_pa
     original = get_backbone(setup.model)
     with torch.no_grad():
         logits = setup.model(input_ids=ids).logits
-    driver.start_method(setup, engine)
+    state = driver.start(setup, engine)
     start = get_lora(setup.model)
+    assert all(torch.equal(start[n].A, state.lora[n].A) and torch.equal(start[n].B, state.lora[n].B) for n in start)
     with torch.no_grad():
         torch.testing.assert_close(setup.model(input_ids=ids).logits, logits, atol=1e-4, rtol=1e-4)
     s = setup.scaling
@@ -79,7 +81,7 @@ def test_frlora_start_keeps_the_model_and_a_round_folds_into_the_backbone(tmp_pa
 
     before = get_backbone(setup.model)
     x = torch.randn(5, fresh_tiny[0].config.hidden_size, generator=torch.Generator().manual_seed(1))
-    result, record = driver.run_round(setup, engine, start, 0)
+    _, result, record = driver.run_round(setup, engine, state, 1)
     assert all(torch.equal(engine.starts[0][name].B, start[name].B) for name in start)  # clients start at (A₀, B₀)
     assert record["residual_rank"] > 0
     assert_average_of_client_models(setup, before, engine.updates, x)
@@ -94,8 +96,8 @@ def test_fedsa_lora_clients_start_from_the_shared_A_and_their_own_B(tmp_path, fr
     config = small_config(tmp_path / "run", method="fedsa-lora", clients=2, clients_per_round=2)
     setup, engine = simulation.engine(config, *fresh_tiny)
     engine = Capturing(engine)
-    first, _ = driver.run_round(setup, engine, get_lora(setup.model), 0)
-    driver.run_round(setup, engine, first.lora, 1)
+    state, first, _ = driver.run_round(setup, engine, driver.start(setup, engine), 1)
+    state, _, _ = driver.run_round(setup, engine, state, 2)
     trained, starts = engine.updates[:2], engine.starts[2:]
     for update, start in zip(trained, starts, strict=True):
         for name, pair in start.items():
@@ -103,8 +105,8 @@ def test_fedsa_lora_clients_start_from_the_shared_A_and_their_own_B(tmp_path, fr
             assert torch.equal(pair.B, update.factors[name].B)  # the client's own B from round 0
     name = next(iter(first.lora))
     assert not torch.equal(starts[0][name].B, starts[1][name].B)
-    assert set(engine.client_state()) == {"client-0", "client-1"}
-    assert set(engine.client_state()["client-0"]) == {"B"}
+    assert set(state.clients) == {"client-0", "client-1"}
+    assert set(state.clients["client-0"]) == {"B"}
 
 
 def test_fedsa_lora_resume_restores_the_clients_B_and_tensorboard_is_not_doubled(tmp_path, tiny_model,
@@ -115,26 +117,26 @@ def test_fedsa_lora_resume_restores_the_clients_B_and_tensorboard_is_not_doubled
     config = small_config(tmp_path / "full", method="fedsa-lora", rounds=3, clients=3, clients_per_round=2,
                           accuracy_per_family=0, report_to="tensorboard")
     simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
-    full = checkpoint.load(tmp_path / "full" / driver.CHECKPOINT)
+    full, _ = checkpoint.load(tmp_path / "full" / driver.CHECKPOINT)
 
     crashing = config.replace(out=str(tmp_path / "crashed"))
     setup, engine = simulation.engine(crashing, copy.deepcopy(tiny_model[0]), tiny_model[1])
 
     class CrashInRound2(simulation.InProcess):
-        def train_round(self, round, *args):
-            trained = super().train_round(round, *args)
-            if round == 2:
+        def train_round(self, t, *args):
+            trained = super().train_round(t, *args)
+            if t == 3:
                 raise RuntimeError("power cut")
             return trained
 
     with pytest.raises(RuntimeError, match="power cut"):
         driver.run(setup, CrashInRound2(engine.setup, engine.client_data), quiet=True)
-    saved = checkpoint.load(tmp_path / "crashed" / driver.CHECKPOINT)
-    assert saved.round == 2
-    returning = set(saved.clients) & {f"client-{c}" for c in sample_clients(config, 2)}
+    saved, _ = checkpoint.load(tmp_path / "crashed" / driver.CHECKPOINT)
+    assert saved.rounds_done == 2
+    returning = set(saved.clients) & {f"client-{c}" for c in sample_clients(config, 3)}
     assert returning, "round 3 must have a client that trained before, or this test shows nothing"
     simulation.run(crashing, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], resume=True, quiet=True)
-    resumed = checkpoint.load(tmp_path / "crashed" / driver.CHECKPOINT)
+    resumed, _ = checkpoint.load(tmp_path / "crashed" / driver.CHECKPOINT)
     for name in full.lora:
         assert torch.equal(resumed.lora[name].A, full.lora[name].A)
         assert torch.equal(resumed.lora[name].B, full.lora[name].B)
@@ -162,13 +164,13 @@ def test_clients_of_mixed_ranks_train_and_aggregate_with_their_own_scaling(metho
     engine = Capturing(engine)
     before = get_backbone(setup.model)
     x = torch.randn(5, fresh_tiny[0].config.hidden_size, generator=torch.Generator().manual_seed(2))
-    result, _ = driver.run_round(setup, engine, get_lora(setup.model), 0)
+    state, _, _ = driver.run_round(setup, engine, driver.start(setup, engine), 1)
     assert [next(iter(u.factors.values())).rank for u in engine.updates] == ranks
     assert [u.scaling for u in engine.updates] == [8 / r for r in ranks]
     assert setup.model.active_adapter == ADAPTER
     if method != "flexlora":  # exact: the global model is the weighted average of the client models
         assert_average_of_client_models(setup, before, engine.updates, x)
-    driver.run_round(setup, engine, result.lora, 1)  # every client starts again at its own rank
+    driver.run_round(setup, engine, state, 2)  # every client starts again at its own rank
     assert [next(iter(s.values())).rank for s in engine.starts[3:]] == ranks
     assert [next(iter(u.factors.values())).rank for u in engine.updates[3:]] == ranks
 
@@ -221,7 +223,7 @@ class Plain(driver.Engine):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"method": "frlora"}, "frlora changes the backbone before round 0"),
+    ({"method": "frlora"}, "frlora changes the backbone before round 1"),
     ({"method": "fedsa-lora"}, "fedsa-lora's clients keep their own B"),
     ({"method": "flora", "client_ranks": [2, 4, 4]}, "client_ranks gives clients their own LoRA ranks"),
 ])
@@ -281,12 +283,12 @@ def test_checkpoint_keeps_the_clients_state_under_any_id(tmp_path):
     lora = {"l": fm_pair(2, 3, 4)}
     clients = {"bob.v2": {"B": {"l": torch.randn(3, 2)}}, "client-0": {"B": {"l": torch.randn(3, 2)}}}
     path = tmp_path / "c.safetensors"
-    checkpoint.save(path, checkpoint.Checkpoint(1, lora, {}, {}, {"x": 1}, clients))
-    loaded = checkpoint.load(path)
-    assert set(loaded.clients) == set(clients)
+    checkpoint.save(path, ServerState(1, lora, clients=clients), {"x": 1})
+    loaded, info = checkpoint.load(path)
+    assert set(loaded.clients) == set(clients) and info == {"x": 1}
     for client, factors in clients.items():
         assert torch.equal(loaded.clients[client]["B"]["l"], factors["B"]["l"])
-    assert checkpoint.load(_resaved(path, tmp_path, load_file, save_file, {})).clients == {}
+    assert checkpoint.load(_resaved(path, tmp_path, load_file, save_file, {}))[0].clients == {}
     broken = _resaved(path, tmp_path, load_file, save_file, {"client.7.B.l": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="bad client tensor name 'client.7.B.l'"):
         checkpoint.load(broken)

@@ -12,30 +12,31 @@ from fedmomentum.schedule import client_seed, round_lr, sample_clients
 
 
 def test_round_lr_schedules():
-    assert [round_lr(1.0, "constant", t, 5) for t in range(5)] == [1.0] * 5
-    cosine = [round_lr(1.0, "cosine", t, 5) for t in range(5)]
+    """Round t is 1-based: round 1 trains at the base lr, the last round at 0.1·lr."""
+    assert [round_lr(1.0, "constant", t, 5) for t in range(1, 6)] == [1.0] * 5
+    cosine = [round_lr(1.0, "cosine", t, 5) for t in range(1, 6)]
     assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1) and cosine == sorted(cosine, reverse=True)
     assert cosine[2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
-    assert [round_lr(2.0, "linear", t, 3) for t in range(3)] == pytest.approx([2.0, 1.1, 0.2])
-    assert round_lr(1.0, "cosine", 0, 1) == 1.0  # a single round keeps the base lr
-    assert round_lr(1.0, "cosine", 12, 12 + 1) == pytest.approx(0.1)
+    assert [round_lr(2.0, "linear", t, 3) for t in range(1, 4)] == pytest.approx([2.0, 1.1, 0.2])
+    assert round_lr(1.0, "cosine", 1, 1) == 1.0  # a single round keeps the base lr
+    assert round_lr(1.0, "cosine", 13, 12 + 1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
         round_lr(1.0, "step", 1, 3)
 
 
 def test_sampled_clients_depend_only_on_seed_and_round():
     config = RunConfig(clients=8, clients_per_round=3, seed=5)
-    picks = [sample_clients(config, t) for t in range(20)]
+    picks = [sample_clients(config, t) for t in range(1, 21)]
     assert all(len(p) == 3 and p == sorted(set(p)) and all(0 <= c < 8 for c in p) for p in picks)
     assert len({tuple(p) for p in picks}) > 5  # rounds differ
-    assert picks == [sample_clients(config.replace(method="fedit", lr=0.1), t) for t in range(20)]
-    assert picks != [sample_clients(config.replace(seed=6), t) for t in range(20)]
-    assert sample_clients(RunConfig(clients=4, clients_per_round=4), 0) == [0, 1, 2, 3]
+    assert picks == [sample_clients(config.replace(method="fedit", lr=0.1), t) for t in range(1, 21)]
+    assert picks != [sample_clients(config.replace(seed=6), t) for t in range(1, 21)]
+    assert sample_clients(RunConfig(clients=4, clients_per_round=4), 1) == [0, 1, 2, 3]
 
 
 def test_client_seeds_are_distinct_per_round_and_client():
     config = RunConfig(seed=2)
-    seeds = {client_seed(config, t, c) for t in range(50) for c in range(50)}
+    seeds = {client_seed(config, t, c) for t in range(1, 51) for c in range(50)}
     assert len(seeds) == 2500
 
 

@@ -171,11 +171,12 @@ def test_a_method_given_the_streamed_svd_returns_the_all_at_once_aggregate(metho
     assert acc.is_dense == (clients == 40)
     weights = m.client_weights(updates)
     clients_ = [u.factors[name] for u in updates]
-    terms = m.svd_terms(name, global_lora[name], clients_, weights, scaling, 0)
+    terms = m.svd_terms(name, global_lora[name], clients_, weights, scaling, 1)
     svd = acc.finish(scale=scaling / sum(u.num_examples for u in updates)) if method == "flora" else acc.finish()
     assert terms is not None
-    new, delta, stats = fm.methods.create(method, **options).aggregate_layer(name, global_lora[name], clients_,
-                                                                             weights, scaling, 0, svd)
+    result = fm.methods.create(method, **options).aggregate_layer(name, global_lora[name], clients_, weights,
+                                                                  scaling, 1, svd, {})
+    new, delta, stats = result.lora, result.backbone, result.stats
     M = sum(w * c.B.double() @ c.A.double() for w, c in zip(weights, clients_, strict=True)) * scaling
     tol = roundoff(linalg.Terms([c.B for c in clients_], [c.A for c in clients_], [w * scaling for w in weights]))
     got = scaling * new.delta().double() + (delta.dense().double() if delta is not None else 0)

@@ -96,11 +96,16 @@ def client_examples(config: RunConfig) -> tuple[list[list[Example]], dict[str, l
     return parts, by_family(held_out)
 
 
+def client_id(index: int) -> str:
+    """The id of the client at ``index`` (a partition, on Flower) when its data has no name of its own."""
+    return f"client-{index}"
+
+
 def client_ids(config: RunConfig) -> list[str]:
-    """Each client's id: its file's name with ``client_data``, else ``client-<index>``."""
+    """Each client's id: its file's name with ``client_data``, else ``client_id(index)``."""
     if config.client_data:
         return list(client_sources(config.client_data))
-    return [f"client-{index}" for index in range(config.clients)]
+    return [client_id(index) for index in range(config.clients)]
 
 
 def encode_all(examples: list[Example], tokenizer, config: RunConfig) -> list[dict]:

@@ -1,5 +1,6 @@
-"""Checkpoints: one safetensors file holding the round, adapter, adapted backbone weights, the method's held deltas
-and what the clients keep between rounds (FedSA-LoRA's own ``B``, in the simulation).
+"""Checkpoints: a ``ServerState`` as one safetensors file (``state.py``): the rounds done, the adapter, the adapted
+layers' backbone, the method's state, what the clients keep between rounds, the backbone's whole change and what the
+momentum measures carry, plus JSON metadata (the config, the seconds spent).
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -8,96 +9,129 @@ No pickle anywhere: tensors go through safetensors, everything else through JSON
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .rundir import writing
-from .types import LoraPair, LowRank
+from .backbone_change import BackboneChange
+from .momentum import MomentumState
+from .rundir import write_file
+from .state import ServerState
+from .types import LoraPair, LowRank, StateDict
+
+FORMAT = "fedmomentum/2"
+SLOT = re.compile(r"[A-Za-z0-9_]+")  # a state slot's name: no dots, so that ``slot.layer`` splits once
 
 
-@dataclass
-class Checkpoint:
-    round: int  # the last completed round (0-based)
-    lora: dict[str, LoraPair]
-    backbone: dict[str, torch.Tensor]  # the adapted layers' base weights
-    held: dict[str, LowRank]  # deltas the method holds back for a later round (``Aggregate.held``)
-    info: dict  # JSON-able: config, records needed to continue
-    clients: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)  # id → factor → layer
-    # the backbone's whole change since the original base, factored (``backbone_change``); None: not tracked
-    change: dict[str, LowRank] | None = None
-
-
-FACTORS = ("A", "B")
-
-
-def save(path: str | Path, checkpoint: Checkpoint) -> None:
+def save(path: str | Path, state: ServerState, info: dict) -> None:
+    """Write ``state`` and ``info`` (JSON-able) to ``path``, whole or not at all."""
     tensors = {}
-    for name, pair in checkpoint.lora.items():
-        tensors[f"lora.A.{name}"] = pair.A.contiguous()
-        tensors[f"lora.B.{name}"] = pair.B.contiguous()
-    tensors.update({f"backbone.{name}": w.contiguous() for name, w in checkpoint.backbone.items()})
-    for name, delta in checkpoint.held.items():
-        tensors[f"held.L.{name}"] = delta.left.contiguous()
-        tensors[f"held.R.{name}"] = delta.right.contiguous()
-    for index, factors in enumerate(checkpoint.clients.values()):  # ids (any text) go in the metadata
-        for factor, layers in factors.items():
-            tensors.update({f"client.{index}.{factor}.{name}": value.contiguous() for name, value in layers.items()})
-    for name, delta in (checkpoint.change or {}).items():
-        tensors[f"change.L.{name}"] = delta.left.contiguous()
-        tensors[f"change.R.{name}"] = delta.right.contiguous()
-    metadata = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info), "format": "fedmomentum/1",
-                "clients": json.dumps(list(checkpoint.clients)), "change": str(checkpoint.change is not None)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+    for name, pair in state.lora.items():
+        tensors[f"lora.A.{name}"] = pair.A
+        tensors[f"lora.B.{name}"] = pair.B
+    tensors.update({f"backbone.{name}": weight for name, weight in state.backbone.items()})
+    tensors.update(_flatten("method", state.method))
+    for index, kept in enumerate(state.clients.values()):  # ids (any text) go in the metadata
+        tensors.update(_flatten(f"client.{index}", kept))
+    for name, delta in (state.change.deltas if state.change is not None else {}).items():
+        tensors[f"change.L.{name}"] = delta.left
+        tensors[f"change.R.{name}"] = delta.right
+    tensors.update({f"momentum.{key}": value for key, value in state.momentum.tensors().items()})
+    tensors = _own_storage({key: value.detach().cpu().contiguous() for key, value in tensors.items()})
+    metadata = {"round": str(state.rounds_done), "info": json.dumps(info), "format": FORMAT,
+                "clients": json.dumps(list(state.clients)), "change": str(state.change is not None),
+                "momentum": json.dumps(state.momentum.info())}
+    write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint; a missing, truncated or foreign file is a ``ValueError`` naming the file."""
+def load(path: str | Path) -> tuple[ServerState, dict]:
+    """The state and info in a checkpoint; a missing, truncated or foreign file is a ``ValueError`` naming the file.
+    The backbone comes back as saved (CPU tensors): ``peft_io.set_backbone`` puts it into a model."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         tensors = load_file(str(path))
-
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
-        if metadata.get("format") != "fedmomentum/1":
+        if metadata.get("format") not in (FORMAT, "fedmomentum/1"):
             raise ValueError("not a fedmomentum checkpoint")
-        round_, info = int(metadata["round"]), json.loads(metadata["info"])
+        rounds, info = int(metadata["round"]), json.loads(metadata["info"])
         ids = json.loads(metadata.get("clients", "[]"))
         tracked = metadata.get("change") == "True"
+        momentum_info = json.loads(metadata.get("momentum", "null"))
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError("the client ids are not a list of names")
-        if round_ < 0 or not isinstance(info, dict):
+        if rounds < 0 or not isinstance(info, dict):
             raise ValueError("bad round or info in its metadata")
     except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
         raise ValueError(f"corrupt or unreadable checkpoint {path}: {' '.join(str(error).split())}") from None
     for key, tensor in tensors.items():
         if not tensor.is_floating_point() or tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"corrupt checkpoint {path}: tensor {key} is not a finite matrix")
+    if metadata["format"] == "fedmomentum/1":  # FedMomentum's held residuals before the method state had slots
+        tensors = {re.sub(r"^held\.([LR])\.", lambda m: f"method.held_{'left' if m[1] == 'L' else 'right'}.", key):
+                   value for key, value in tensors.items()}
     try:
         lora = {n: LoraPair(tensors[f"lora.A.{n}"], tensors[f"lora.B.{n}"]) for n in _names(tensors, "lora.A.")}
-        held = {n: LowRank(tensors[f"held.L.{n}"], tensors[f"held.R.{n}"]) for n in _names(tensors, "held.L.")}
-        change = ({n: LowRank(tensors[f"change.L.{n}"], tensors[f"change.R.{n}"]) for n in _names(tensors, "change.L.")}
-                  if tracked else None)
+        change = (BackboneChange({n: LowRank(tensors[f"change.L.{n}"], tensors[f"change.R.{n}"])
+                                  for n in _names(tensors, "change.L.")}) if tracked else None)
     except KeyError as missing:
         raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
-    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    clients: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    momentum_tensors = {key: tensors[f"momentum.{key}"] for key in _names(tensors, "momentum.")}
+    try:  # a checkpoint written before momentum was measured starts the measures afresh
+        momentum = (MomentumState.restore(momentum_tensors, momentum_info) if momentum_info is not None
+                    else MomentumState())
+    except ValueError as error:
+        raise ValueError(f"corrupt checkpoint {path}: {error}") from None
+    clients: dict[str, StateDict] = {}
     for key in _names(tensors, "client."):
-        index, factor, name = (key.split(".", 2) + ["", ""])[:3]
-        if not index.isdigit() or int(index) >= len(ids) or factor not in FACTORS or not name:
+        index, slot, name = (key.split(".", 2) + ["", ""])[:3]
+        if not index.isdigit() or int(index) >= len(ids) or not SLOT.fullmatch(slot) or not name:
             raise ValueError(f"corrupt checkpoint {path}: bad client tensor name 'client.{key}'")
-        clients.setdefault(ids[int(index)], {}).setdefault(factor, {})[name] = tensors[f"client.{key}"]
-    return Checkpoint(round_, lora, backbone, held, info, clients, change)
+        clients.setdefault(ids[int(index)], {}).setdefault(slot, {})[name] = tensors[f"client.{key}"]
+    state = ServerState(
+        rounds_done=rounds,
+        lora=lora,
+        method=_unflatten(tensors, "method", path),
+        clients=clients,
+        backbone={k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
+        change=change,
+        momentum=momentum,
+    )
+    return state, info
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor in storage of its own (safetensors refuses tensors that share memory, such as a round's change
+    that is also the whole change so far): a copy of any tensor whose storage an earlier one uses."""
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen:
+            tensors[key] = value.clone()
+        seen.add(storage)
+    return tensors
+
+
+def _flatten(prefix: str, state: StateDict) -> dict[str, torch.Tensor]:
+    for slot in state:
+        if not SLOT.fullmatch(slot):
+            raise ValueError(f"state slot {slot!r}: letters, digits and _ only")
+    return {f"{prefix}.{slot}.{name}": value for slot, layers in state.items() for name, value in layers.items()}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> StateDict:
+    state: StateDict = {}
+    for key in _names(tensors, f"{prefix}."):
+        slot, _, name = key.partition(".")
+        if not SLOT.fullmatch(slot) or not name:
+            raise ValueError(f"corrupt checkpoint {path}: bad tensor name '{prefix}.{key}'")
+        state.setdefault(slot, {})[name] = tensors[f"{prefix}.{key}"]
+    return state
 
 
 def _names(tensors: dict, prefix: str) -> list[str]:

@@ -323,7 +323,7 @@ def study(
     with guard():
         log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
         results = study_io.execute(spec, out, log=log, verbose=verbose)
-        written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
+        written = study_io.write(spec, results, out)
         typer.echo((out / "study.md").read_text(encoding="utf-8"))
         log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote "
             f"{', '.join(p.name for p in written)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from peft import PeftModel
 
 from .data.formatting import IGNORE_INDEX, collate
 from .peft_io import ADAPTER, active_adapter, get_lora, rank_adapter, scaling, set_lora, set_trainable
-from .types import ClientUpdate, LoraPair, Tensor
+from .types import ClientUpdate, LoraPair, StateDict
 
 
 @dataclass
@@ -78,12 +79,13 @@ def train_client(
     client_id: str = "",
     pad_id: int = 0,
     adapter: str = ADAPTER,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[ClientUpdate, float]:
     """Train ``model``'s adapter on ``data`` (encoded examples) from ``global_lora``; return the update and mean loss.
 
     The model's backbone is shared and never touched here; only the adapter factors change. ``adapter`` names the
     PEFT adapter to train, the active one (``peft_io.active_adapter``: a client of another rank); the update
-    carries its scaling.
+    carries its scaling. ``on_step`` is called after each optimizer step (a progress bar).
     """
     if not data:
         raise ValueError(f"client {client_id!r} has no training examples")
@@ -112,6 +114,8 @@ def train_client(
                                          "weights and the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step()
     model.eval()
     set_trainable(model, {"A": False, "B": False}, adapter)
     update = ClientUpdate(get_lora(model, adapter), num_examples=len(data), client_id=client_id,
@@ -128,20 +132,24 @@ def train_round(
     cfg: TrainConfig,
     *,
     rank: int,
-    own: dict[str, dict[str, Tensor]] | None = None,
-    round: int = 0,
+    own: StateDict | None = None,
+    t: int = 1,
     lr: float | None = None,
     seed: int = 0,
     client_id: str = "",
     pad_id: int = 0,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[ClientUpdate, float]:
-    """One client's round, as every engine runs it: an adapter of the client's own ``rank`` on ``model``
+    """One client's round ``t``, as every engine runs it: an adapter of the client's own ``rank`` on ``model``
     (``peft_io.rank_adapter``), the start ``method`` gives it (``Method.client_start``: the global adapter at that
-    rank, with the factors the client keeps, ``own``), then ``train_client``. The update carries the client's scaling.
+    rank, with what the client keeps, ``own``), then ``train_client``. The update carries the client's scaling and
+    what it keeps until its next round (``ClientUpdate.keep``).
     """
     adapter = rank_adapter(model, rank)
-    start = method.client_start(global_lora, own=own, round=round, rank=rank if adapter != ADAPTER else None,
+    start = method.client_start(global_lora, own=own, t=t, rank=rank if adapter != ADAPTER else None,
                                 scaling=scaling(model, adapter), global_scaling=scaling(model))
     with active_adapter(model, adapter):
-        return train_client(model, data, start, trainable, cfg, lr=lr, seed=seed, client_id=client_id, pad_id=pad_id,
-                            adapter=adapter)
+        update, loss = train_client(model, data, start, trainable, cfg, lr=lr, seed=seed, client_id=client_id,
+                                    pad_id=pad_id, adapter=adapter, on_step=on_step)
+    update.keep = method.local_state(update)
+    return update, loss

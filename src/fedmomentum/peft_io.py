@@ -136,36 +136,28 @@ def _oriented(layer: LoraLayer, delta: LowRank) -> LowRank:
 # --- the backbone: what the method defines, whatever the precision the base model is held in -------------------
 #
 # A bfloat16 weight cannot take a small delta: ``W + D`` rounds back to ``W`` when ``|D|`` is under half a bf16 ulp
-# of ``W`` (about 2^-9 |W|), and errors pile up round after round. So an adapted layer whose stored weight is low
-# precision gets a float32 master copy the first time a delta reaches it: deltas are added to the master, and the
-# stored weight is the master rounded once. Layers that never receive a delta (every layer of fedit, ffa-lora,
-# rolora, flexlora) and float32 weights need no copy. The masters live on the PEFT model (so the simulation, the
-# server and every Flower node apply deltas with this one function), on the weight's device; checkpoints
-# (``get_backbone``/``set_backbone``) carry them, exports round them once.
-
-_MASTERS = "_fedmomentum_backbone_fp32"
+# of ``W`` (about 2^-9 |W|), and errors pile up round after round. So the backbone of the adapted layers is kept as a
+# mapping ``layer → tensor`` (the server's ``ServerState.backbone``, a node's own copy): the model's own weight while
+# it is float32 or unchanged (the same tensor, no copy), and a float32 master copy once a delta reaches a
+# low-precision weight. Deltas are added to that tensor, and the stored weight is the master rounded once, so the
+# model never drifts from the float32 backbone. Layers that never receive a delta (every layer of fedit, ffa-lora,
+# rolora, flexlora) and float32 weights need no copy; checkpoints carry the mapping, exports round it once.
 
 
-def _masters(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The model's float32 master weights, by layer (created empty on first use; ``copy.deepcopy`` copies them)."""
-    return vars(model).setdefault(_MASTERS, {})
-
-
-def backbone_dtypes(model: PeftModel) -> dict[str, torch.dtype]:
-    """The precision each adapted layer's backbone is kept in: float32 where a master copy holds it."""
-    masters = _masters(model)
-    return {name: torch.float32 if name in masters else layer.get_base_layer().weight.dtype
-            for name, layer in lora_layers(model).items()}
+def backbone_of(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapted layers' backbone as the model holds it now: each layer's own weight tensor (no copy)."""
+    return {name: layer.get_base_layer().weight.data for name, layer in lora_layers(model).items()}
 
 
 @torch.no_grad()
-def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
+def apply_backbone(model: PeftModel, deltas: dict[str, LowRank], backbone: dict[str, torch.Tensor]) -> None:
     """``W += left @ right`` for each layer, in place, in float32 whatever the model's dtype.
 
-    A low-precision weight gets a float32 master copy on its first delta (see above): the delta goes into the
-    master, the weight becomes the master rounded once, so the model never drifts from the float32 backbone.
+    ``backbone`` is the model's backbone mapping (``backbone_of``, or what ``set_backbone`` returned): a
+    low-precision weight gets a float32 master copy in it on its first delta; the delta goes into the master, the
+    weight becomes the master rounded once.
     """
-    layers, masters = lora_layers(model), _masters(model)
+    layers = lora_layers(model)
     unknown = sorted(set(deltas) - set(layers))
     if unknown:
         raise ValueError(f"backbone deltas for layers the model does not adapt: {unknown[:3]}")
@@ -178,10 +170,10 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank]) -> None:
         if weight.dtype == torch.float32:
             weight.addmm_(left, right)
             continue
-        if name not in masters:
-            masters[name] = weight.float()
-        masters[name].addmm_(left, right)
-        weight.copy_(masters[name])
+        if backbone[name].dtype != torch.float32:
+            backbone[name] = weight.float()
+        backbone[name].addmm_(left, right)
+        weight.copy_(backbone[name])
 
 
 class BackboneWeights(Mapping):
@@ -204,30 +196,29 @@ class BackboneWeights(Mapping):
 
 
 def get_backbone(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapted layers' backbone weights (the only ones any method changes), as CPU copies: the float32 master
-    where a layer has one, else the stored weight in its own dtype."""
-    masters = _masters(model)
-    return {name: masters.get(name, layer.get_base_layer().weight).detach().cpu().clone()
-            for name, layer in lora_layers(model).items()}
+    """The adapted layers' weights as the model stores them, as CPU copies (rounded to the model's dtype)."""
+    return {name: layer.get_base_layer().weight.detach().cpu().clone() for name, layer in lora_layers(model).items()}
 
 
 @torch.no_grad()
-def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
-    """Load what ``get_backbone`` returned (e.g. from a checkpoint): a value the stored weight cannot hold exactly
-    (float32 into a bfloat16 weight) becomes the layer's master copy."""
-    layers, masters = lora_layers(model), _masters(model)
+def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load saved backbone weights (a checkpoint's) into the model; returns the model's backbone mapping (see
+    ``apply_backbone``): a value the stored weight cannot hold exactly (float32 into a bfloat16 weight) is kept as
+    the layer's float32 master."""
+    layers = lora_layers(model)
     if set(weights) != set(layers):
         raise ValueError("backbone weights do not cover exactly the adapted layers")
+    backbone = {}
     for name, value in weights.items():
         weight = layers[name].get_base_layer().weight
         if value.shape != weight.shape or not value.is_floating_point():
             raise ValueError(f"layer {name!r}: backbone weight {value.dtype} {tuple(value.shape)} does not fit the "
                              f"model's {tuple(weight.shape)}")
         value = value.to(weight.device)
-        masters.pop(name, None)
-        if not torch.equal(value.to(weight.dtype).to(value.dtype), value):
-            masters[name] = value.float().clone()
         weight.copy_(value)
+        exact = torch.equal(value.to(weight.dtype).to(value.dtype), value)
+        backbone[name] = weight.data if exact else value.float().clone()
+    return backbone
 
 
 def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None = None) -> None:
@@ -237,26 +228,28 @@ def export_adapter(model: PeftModel, folder: str | Path, base: str | Path | None
     if base is not None:
         config.base_model_name_or_path = str(base)
     try:
-        model.save_pretrained(str(folder), selected_adapters=[ADAPTER])  # not the per-rank client adapters
+        # not the per-rank client adapters; no embedding layers (never trained), so no look-up of the base on the hub
+        model.save_pretrained(str(folder), selected_adapters=[ADAPTER], save_embedding_layers=False)
     finally:
         config.base_model_name_or_path = original
 
 
-def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge: bool = True) -> None:
+def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge: bool = True,
+                  backbone: dict[str, torch.Tensor] | None = None) -> None:
     """Save the backbone as a plain HF model folder, with the adapter merged in (or, ``merge=False``, without).
 
     ``merge=False`` gives the updated base that the exported PEFT adapter must be loaded on; ``model`` is
     left untouched either way. Weights are saved in the model's dtype: an adapted layer is its float32 backbone
-    (plus ``s·B·A`` when merging) rounded once. The copy is built on the meta device, so no second random init
-    (or float32 copy) of a large model is made.
+    (``backbone``, the model's backbone mapping; plus ``s·B·A`` when merging) rounded once. The copy is built on the
+    meta device, so no second random init (or float32 copy) of a large model is made.
     """
     base = model.get_base_model()
-    masters = _masters(model)
+    backbone = backbone or {}
     state = {key.replace(".base_layer.", "."): value.detach().cpu().clone()
              for key, value in base.state_dict().items() if "lora_" not in key}
     for name, layer in lora_layers(model).items():
         key = f"{name}.weight"
-        weight = masters[name].cpu() if name in masters else state[key].float()
+        weight = backbone[name].float().cpu() if name in backbone else state[key].float()
         if merge:
             weight = weight + layer.get_delta_weight(ADAPTER).detach().float().cpu()  # PEFT's s·B·A, oriented like W
         state[key] = weight.to(state[key].dtype)

@@ -115,11 +115,19 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` a file next to ``path``, then rename it over ``path`` (for writers that take a path)."""
+    """``write(tmp)`` a file next to ``path``, then rename it over ``path`` (for writers that take a path). The file
+    gets the usual permissions (``0666`` less the umask: readable by others), whatever mode the writer chose."""
     tmp = path.with_name(path.name + ".tmp" + path.suffix)
     with writing(path):
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def replace_folders(out: Path, build: Callable[[Path], None], names: tuple[str, ...]) -> None:

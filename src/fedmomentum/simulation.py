@@ -3,18 +3,22 @@
 Each client trains from the global adapter on the shared model (its factors are swapped in, the model is never
 copied); the driver (``driver.run``) does the rest of the round. A client of another LoRA rank (``client_ranks``)
 trains a PEFT adapter of its rank added beside the run's own, on the same model; what a method keeps on the
-clients between rounds (FedSA-LoRA's ``B``) is held here per client and saved in every checkpoint.
+clients between rounds (FedSA-LoRA's ``B``) comes from the server's state (``ServerState.clients``).
 """
 
 from __future__ import annotations
 
-from .build import Setup, client_examples, client_ids, encode_all, prepare
+import sys
+
+from tqdm.auto import tqdm
+
+from .build import Setup, client_examples, client_id, client_ids, encode_all, prepare
 from .client import train_round
 from .config import RunConfig
 from .driver import ClientRound, Engine
 from .driver import run as drive
 from .schedule import client_ranks, client_seed, sample_clients
-from .types import LoraPair, Tensor
+from .state import ServerState
 
 
 class InProcess(Engine):
@@ -22,26 +26,29 @@ class InProcess(Engine):
 
     features = frozenset({"start", "client_state", "client_ranks"})
 
-    def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None):
+    def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None,
+                 quiet: bool = False):
         self.setup, self.client_data = setup, client_data
-        self.ids = ids or [f"client-{index}" for index in range(len(client_data))]
+        self.ids = ids or [client_id(index) for index in range(len(client_data))]
         self.ranks = client_ranks(setup.config)
-        self.kept: dict[str, dict[str, dict[str, Tensor]]] = {}  # client id → what the method keeps there
+        self.quiet = quiet
 
-    def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
-                    lr: float) -> ClientRound:
+    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> ClientRound:
         config, model, method = self.setup.config, self.setup.model, self.setup.method
+        sampled = sample_clients(config, t)
         updates, losses = [], []
-        for client in sample_clients(config, round):
-            client_id = self.ids[client]
-            update, loss = train_round(model, method, self.client_data[client], global_lora, trainable,
-                                       config.train_config(), rank=self.ranks[client], own=self.kept.get(client_id),
-                                       round=round, lr=lr, seed=client_seed(config, round, client),
-                                       client_id=client_id, pad_id=self.setup.tokenizer.pad_token_id)
-            if method.local:
-                self.kept[client_id] = method.local_state(update)
-            updates.append(update)
-            losses.append(loss)
+        steps = tqdm(total=len(sampled) * config.local_steps, desc=f"round {t}", unit="step", leave=False,
+                     disable=self.quiet or not sys.stderr.isatty())
+        with steps:
+            for client in sampled:
+                client_id = self.ids[client]
+                update, loss = train_round(model, method, self.client_data[client], state.lora, trainable,
+                                           config.train_config(), rank=self.ranks[client],
+                                           own=state.clients.get(client_id), t=t, lr=lr,
+                                           seed=client_seed(config, t, client), client_id=client_id,
+                                           pad_id=self.setup.tokenizer.pad_token_id, on_step=steps.update)
+                updates.append(update)
+                losses.append(loss)
         return ClientRound(updates, losses)
 
 
@@ -49,15 +56,16 @@ def default_out(config: RunConfig) -> RunConfig:
     return config if config.out else config.replace(out=f"runs/{config.method}")
 
 
-def engine(config: RunConfig, model=None, tokenizer=None) -> tuple[Setup, InProcess]:
+def engine(config: RunConfig, model=None, tokenizer=None, quiet: bool = False) -> tuple[Setup, InProcess]:
     """The server's setup and the in-process engine for ``config`` (the model is loaded unless given)."""
     parts, held_out = client_examples(config)
     setup = prepare(default_out(config), model, tokenizer, held_out)
-    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config))
+    return setup, InProcess(setup, [encode_all(part, setup.tokenizer, config) for part in parts], client_ids(config),
+                            quiet=quiet)
 
 
 def run(config: RunConfig, *, model=None, tokenizer=None, resume: bool = False, overwrite: bool = False,
         quiet: bool = False) -> dict:
     """Run (or continue) a federated fine-tuning job in this process; writes its records into ``config.out``
     (a new run refuses a folder holding files unless ``overwrite``, see ``driver.run``)."""
-    return drive(*engine(config, model, tokenizer), resume=resume, overwrite=overwrite, quiet=quiet)
+    return drive(*engine(config, model, tokenizer, quiet), resume=resume, overwrite=overwrite, quiet=quiet)

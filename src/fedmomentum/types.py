@@ -8,6 +8,9 @@ from typing import TypedDict
 import torch
 
 Tensor = torch.Tensor
+# Named tensors kept between rounds, as ``slot → layer → tensor``: a method's state (FedMomentum's held residual as
+# slots ``held_left`` / ``held_right``) or what one client keeps (FedSA-LoRA's ``B``). Flat and safetensors-ready.
+StateDict = dict[str, dict[str, Tensor]]
 
 
 class UpdateError(ValueError):
@@ -70,13 +73,15 @@ class ClientUpdate:
 
     ``scaling`` is the client's LoRA scaling ``s_k`` (``α/r_k``, or ``α/√r_k`` with rsLoRA) when its rank differs
     from the global adapter's; ``None`` means the ``scaling`` given to ``Method.aggregate``. The aggregate is
-    ``Σ p_k s_k B_k A_k`` either way.
+    ``Σ p_k s_k B_k A_k`` either way. ``keep`` is what the client keeps until its next round (``Method.local``:
+    FedSA-LoRA's own ``B``), which the server holds in ``ServerState.clients``.
     """
 
     factors: dict[str, LoraPair]
     num_examples: int
     client_id: str = ""
     scaling: float | None = None
+    keep: StateDict = field(default_factory=dict)
 
 
 class LayerStats(TypedDict, total=False):
@@ -86,15 +91,22 @@ class LayerStats(TypedDict, total=False):
     residual_rank: int  # components merged into the backbone
     energy: float  # Σσ² of the exact aggregate (SVD methods)
     energy_dropped: float  # fraction of that energy neither in the adapter nor in the backbone
-    noise_norm: float  # FedIT: ‖s(Σ p_i B_i A_i − B'A')‖_F
+    noise_norm: float  # factor averaging (fedit, fedsa-lora, frlora): ‖s(Σ p_i B_i A_i − B'A')‖_F
     held_rank: int  # rank of the delta held back for a later round (FedMomentum, merge_every > 1)
+    rounding_error: float  # FedMomentum's residual_dtype: ‖sent − residual‖_F / ‖s M‖_F
+    # the momentum measures of the layer, added by the driver (``momentum.measure``; None where undefined)
+    update_alignment: float | None
+    subspace_overlap: float | None
+    path_efficiency: float | None
+    noise_share: float | None
+    update_norm: float
 
 
 class RoundStats(TypedDict):
     """What a method reports for one round: totals over layers and the bytes each client sends and receives."""
 
     method: str
-    round: int
+    round: int  # the round, 1-based (0: a method's start, before round 1)
     clients: int
     rank_kept: int
     residual_rank: int  # total width of the backbone deltas' factors
@@ -108,14 +120,14 @@ class RoundStats(TypedDict):
 
 @dataclass
 class Aggregate:
-    """A method's result: the new global adapter, backbone deltas to add to ``W``, stats, and what it holds back.
+    """A method's result: the new global adapter, backbone deltas to add to ``W``, stats, and the method's state.
 
-    ``held`` is the method's state after this round: deltas it keeps on the server for a later round (FedMomentum
-    with ``merge_every > 1``; empty for every other method). A checkpoint must keep it (``checkpoint.Checkpoint``
-    takes it from here) or a resumed run loses those deltas.
+    ``state`` is the method's state after this round (FedMomentum's residuals held back with ``merge_every > 1``;
+    empty for a method that carries nothing between rounds): pass it to the next ``aggregate``. The method object
+    itself never changes, so an aggregation that raises leaves everything as it was.
     """
 
     lora: dict[str, LoraPair]
     backbone: dict[str, LowRank] = field(default_factory=dict)
     stats: RoundStats = field(default_factory=dict)  # type: ignore[assignment]
-    held: dict[str, LowRank] = field(default_factory=dict)
+    state: StateDict = field(default_factory=dict)

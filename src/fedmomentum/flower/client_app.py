@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..build import encode_all, make_method, peft_model
+from ..build import client_id, encode_all, make_method, peft_model
 from ..client import train_round
 from ..config import RunConfig, from_dict
 from ..methods import Method
-from ..peft_io import apply_backbone, get_lora
+from ..peft_io import apply_backbone, backbone_of, get_lora
 from ..schedule import client_ranks
 from ..types import LoraPair, LowRank, Tensor
 from . import wire
@@ -65,6 +65,7 @@ class _Worker:
     version: int = 0
     data: dict[tuple, list[dict]] = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # the seeded LoRA init: the global adapter of version 0
+    backbone: dict = field(default_factory=dict)  # the model's backbone mapping (``peft_io.apply_backbone``)
 
     def examples(self, node_config, pid: int) -> list[dict]:
         """The node's training examples, encoded (cached per partition and data path)."""
@@ -84,7 +85,8 @@ def shared_worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
     if _WORKER is None or _WORKER.key != key:
         _WORKER = None  # free the old model first
         model, tokenizer = peft_model(config)
-        _WORKER = _Worker(key, config, model, tokenizer, make_method(config), initial=get_lora(model))
+        _WORKER = _Worker(key, config, model, tokenizer, make_method(config), initial=get_lora(model),
+                          backbone=backbone_of(model))
     return _WORKER
 
 
@@ -218,17 +220,17 @@ def train(message: Message, context: Context) -> Message:
         reset_worker()
         worker = shared_worker(context.run_id, fp, config)
     for entry in range(worker.version, end):
-        apply_backbone(worker.model, applied.get(entry, {}))
+        apply_backbone(worker.model, applied.get(entry, {}), worker.backbone)
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
     examples = worker.examples(context.node_config, pid)
     update, loss = train_round(worker.model, worker.method, examples, global_lora, trainable, config.train_config(),
-                               rank=client_ranks(config)[pid], own=own, round=int(settings["round"]),
-                               lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
+                               rank=client_ranks(config)[pid], own=own, t=int(settings["round"]),
+                               lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=client_id(pid),
                                pad_id=worker.tokenizer.pad_token_id)
-    if worker.method.local:
-        context.state[STATE_OWN] = wire.own_to_record(worker.method.local_state(update))
+    if update.keep:
+        context.state[STATE_OWN] = wire.own_to_record(update.keep)
     factors = tuple(f for f in ("A", "B") if trainable[f])
     reply = RecordDict({
         "factors": wire.lora_to_record(update.factors, factors),

@@ -14,10 +14,12 @@ records, checkpoint, summary, exports) with the strategy as its engine. Each rou
    renormalised over them) and updates the server's model. The backbone delta goes into the log late or restarted
    nodes replay (``backbone_log``).
 
-A method's start (FRLoRA's ``Method.start``, before round 0) is the log's first entry, so every node applies it
+A method's start (FRLoRA's ``Method.start``, before round 1) is the log's first entry, so every node applies it
 like a round's delta. What a method's clients keep between rounds (``Method.local``, FedSA-LoRA's ``B``) stays on
-the nodes (``context.state``); the server also keeps the copy each client last sent (it needs it for its own
-model), saves it in every checkpoint like ``fedmomentum run`` does, and sends it back only to a node that lost it.
+the nodes (``context.state``); the server's state also holds the copy each client last sent
+(``ServerState.clients``, saved in every checkpoint like ``fedmomentum run`` does), which is sent back only to a
+node that lost it. The server's state is the driver's (``state.ServerState``); the strategy keeps only what it needs
+to talk to the nodes: who holds which partition, and the log of backbone deltas late nodes replay.
 
 A run that fails (too few usable updates, or anything else) leaves ``summary.json`` with ``"status": "failed"``
 and the reason; a run that ends leaves ``"status": "completed"``.
@@ -39,17 +41,19 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from .. import driver
-from ..build import Setup, prepare
+from ..build import Setup, client_id, prepare
 from ..config import RunConfig
+from ..peft_io import get_lora
 from ..records import read_metrics
 from ..schedule import client_ranks, client_seed, sample_clients
-from ..types import Aggregate, ClientUpdate, LoraPair, Tensor
+from ..state import ServerState
+from ..types import Aggregate, ClientUpdate, LoraPair
 from . import wire
 from .backbone_log import FILE as BACKBONE_LOG
 from .backbone_log import BackboneLog
 from .exchange import Exchange
 from .local_data import server_held_out
-from .nodes import Node, Nodes, client_id
+from .nodes import Node, Nodes
 from .replies import Limits, parse_train_reply
 from .resync import train_message
 
@@ -106,8 +110,7 @@ class LoraStrategy(Strategy, driver.Engine):
         self.nodes = Nodes(config.clients, self.fingerprint, self.limits, wire.config_json(config))
         self.backbone_log = BackboneLog()
         self.ranks = client_ranks(config)  # each partition's LoRA rank
-        self.kept: dict[str, dict[str, dict[str, Tensor]]] = {}  # client id → what it keeps, as it last sent it
-        self.global_lora: dict[str, LoraPair] = {}
+        self.state: ServerState | None = None  # the driver's state the round in progress started from
         self.grid: Grid | None = None
         self._round: dict = {}  # bookkeeping of the round in progress
 
@@ -116,9 +119,12 @@ class LoraStrategy(Strategy, driver.Engine):
         return self.setup.method if self.setup is not None else None
 
     @property
-    def round(self) -> int:
-        """Completed rounds."""
+    def rounds_done(self) -> int:
         return self.backbone_log.rounds
+
+    @property
+    def global_lora(self) -> dict[str, LoraPair]:
+        return self.state.lora if self.state is not None else {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedmomentum method: %s %s", self.config.method, self.config.method_options or "")
@@ -135,13 +141,12 @@ class LoraStrategy(Strategy, driver.Engine):
                         grid: Grid) -> Iterable[Message]:
         """Sample this round's partitions and prepare its ``Exchange``; returns the messages for the partitions
         whose node is known now (``train_round`` lets the exchange send them, and more as nodes appear)."""
-        round = server_round - 1
-        sampled = sample_clients(self.config, round)
+        sampled = sample_clients(self.config, server_round)
 
         def message(node: Node, full: bool = False) -> Message:
-            seed = client_seed(self.config, round, node.partition)
+            seed = client_seed(self.config, server_round, node.partition)
             return train_message(node, config, arrays, self.backbone_log, seed, server_round, full,
-                                 own=self.kept.get(client_id(node.partition)), local=self.method.local)
+                                 own=self.state.clients.get(client_id(node.partition)), local=self.method.local)
 
         exchange = Exchange(grid, self.nodes, sampled, message, round_timeout=self.round_timeout,
                             node_deadline=time.monotonic() + self.node_timeout,
@@ -152,9 +157,11 @@ class LoraStrategy(Strategy, driver.Engine):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's hook: the given replies (taken as final) aggregated into the new global adapter (applied to the
-        server's model). ``start`` runs the same steps, ``collect`` and ``driver.aggregate``, in the shared loop."""
+        server's model and state). ``start`` runs the same steps in the shared loop (``driver.run_round``)."""
         trained = self.collect(server_round, self._round["exchange"].settle(list(replies)))
-        result, _ = driver.aggregate(self.setup, self.global_lora, trained.updates, server_round - 1)
+        result = self.method.aggregate(self.state.lora, trained.updates, scaling=self.setup.scaling, t=server_round,
+                                       state=self.state.method)
+        self.state = driver.advance(self.setup, self.state, result, trained.updates, server_round)
         return wire.lora_to_record(result.lora), _metric_record(result.stats)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -168,7 +175,7 @@ class LoraStrategy(Strategy, driver.Engine):
     def start(self, grid: Grid, *, resume: bool = False) -> Result:  # type: ignore[override]
         """Run (or, with ``resume``, continue from the checkpoint in ``config.out``) all rounds.
 
-        ``resume`` without a checkpoint (the run stopped before its first round ended) starts from round 0; a new
+        ``resume`` without a checkpoint (the run stopped before its first round ended) starts from round 1; a new
         run refuses a folder that holds another run unless ``overwrite``. A failure once the run has its folder is
         written to ``summary.json`` (``"status": "failed"``, the reason) and raised again.
         """
@@ -191,7 +198,7 @@ class LoraStrategy(Strategy, driver.Engine):
             else:  # the folder was refused (another run's, nothing to resume): leave it as it is
                 log(ERROR, "the run did not start: %s", str(error) or type(error).__name__)
             raise
-        result = Result(arrays=wire.lora_to_record(self.global_lora))
+        result = Result(arrays=wire.lora_to_record(get_lora(self.setup.model)))  # the final adapter
         for row in read_metrics(self.config.out):
             if "eval_loss" in row:
                 result.evaluate_metrics_serverapp[row["round"]] = _metric_record(row)
@@ -201,12 +208,12 @@ class LoraStrategy(Strategy, driver.Engine):
 
     # --- the round, as the driver's engine ------------------------------------------------------------
 
-    def train_settings(self, round: int, trainable: dict[str, bool], lr: float) -> ConfigRecord:
-        """What every node gets this round, besides its own seed and backbone range."""
+    def train_settings(self, t: int, trainable: dict[str, bool], lr: float) -> ConfigRecord:
+        """What every node gets in round ``t``, besides its own seed and backbone range."""
         return ConfigRecord({
             "run-config": wire.config_json(self.config),
             "fingerprint": self.fingerprint,
-            "round": round,
+            "round": t,
             "lr": lr,
             "train-A": bool(trainable["A"]),
             "train-B": bool(trainable["B"]),
@@ -214,23 +221,19 @@ class LoraStrategy(Strategy, driver.Engine):
             "digest-B": wire.factor_digest(self.global_lora, "B"),
         })
 
-    def train_round(self, round: int, global_lora: dict[str, LoraPair], trainable: dict[str, bool],
-                    lr: float) -> driver.ClientRound:
+    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> driver.ClientRound:
         """Configure, exchange (hellos, resends, nodes coming and going) and collect the accepted updates."""
-        self.global_lora = global_lora
-        server_round = round + 1
-        self.configure_train(server_round, wire.lora_to_record(global_lora),
-                             self.train_settings(round, trainable, lr), self.grid)
+        self.state = state
+        self.configure_train(t, wire.lora_to_record(state.lora), self.train_settings(t, trainable, lr), self.grid)
         exchange = self._round["exchange"]
-        log(INFO, "round %d: training %s", server_round, ", ".join(client_id(p) for p in exchange.partitions))
-        return self.collect(server_round, exchange.run())
+        log(INFO, "round %d: training %s", t, ", ".join(client_id(p) for p in exchange.partitions))
+        return self.collect(t, exchange.run())
 
     def collect(self, server_round: int, replies: dict[int, Message]) -> driver.ClientRound:
         """The usable updates of the round (``{partition: final reply}`` in), sorted by client; failures and
         rejections are logged and recorded."""
-        round = server_round - 1
         version = self.backbone_log.version
-        trainable = self.method.trainable(round)
+        trainable = self.method.trainable(server_round)
         exchange: Exchange = self._round["exchange"]
         failed = {client_id(p): reason for p, reason in sorted(exchange.failed.items())}
         rejected = {client_id(p): reason for p, reason in sorted(exchange.rejected.items())}
@@ -249,8 +252,7 @@ class LoraStrategy(Strategy, driver.Engine):
             node = self.nodes.holder(partition)
             if node is not None:
                 node.version, node.needs_own = version, False
-            if self.method.local:
-                self.kept[cid] = self.method.local_state(update)
+            update.keep = self.method.local_state(update)  # the server's copy of what the client keeps
             accepted.append((partition, update, loss))
         if len(accepted) < self.min_clients:
             raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="
@@ -285,17 +287,15 @@ class LoraStrategy(Strategy, driver.Engine):
         """The method's start becomes the log's first entry: every node applies it before it trains."""
         self.backbone_log.begin(result.backbone)
 
-    def after_round(self, round: int, previous: dict[str, LoraPair], result: Aggregate, record: dict,
-                    out: Path) -> None:
+    def after_round(self, t: int, previous: dict[str, LoraPair], result: Aggregate, record: dict, out: Path) -> None:
         """Log the round's delta (saved before the checkpoint: the log may run ahead of it, never behind)."""
         self.backbone_log.append(result.backbone, previous, result.lora)
         self.backbone_log.save(out / BACKBONE_LOG)
-        self.global_lora = result.lora
         record["method_uplink_bytes"] = result.stats["uplink_bytes"]
         record["method_downlink_bytes"] = result.stats["downlink_bytes"]
         for what in ("failed", "rejected", "nodes"):
             if record[what]:
-                log(WARNING, "round %d %s: %s", round + 1, what, record[what])
+                log(WARNING, "round %d %s: %s", t, what, record[what])
 
     def finish(self, summary: dict, rows: list[dict]) -> None:
         trained = [row for row in rows if row["round"] > 0]
@@ -316,7 +316,7 @@ def write_failure(out: Path, strategy: LoraStrategy | None, error: BaseException
     summary = {"status": "failed", "reason": reason, "engine": "flower"}
     if strategy is not None:
         summary.update(method=strategy.config.method, rounds=strategy.config.rounds,
-                       rounds_completed=strategy.round, out=str(out))
+                       rounds_completed=strategy.rounds_done, out=str(out))
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

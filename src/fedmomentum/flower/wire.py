@@ -6,8 +6,9 @@ Everything travels as float32 numpy arrays (numpy has no bfloat16). Keys:
   message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it, and a
   client's own kept factors (FedSA-LoRA's ``B``) as ``own`` when its node lost them; a reply carries the factors
   the client trained, at the client's own rank;
-- backbone deltas: ``"<round>/<layer>/L"`` and ``"<round>/<layer>/R"``, the factors of ``D = L @ R`` that the
-  aggregation of ``round`` (0-based) produced; a round without a delta has no keys.
+- backbone deltas: ``"<entry>/<layer>/L"`` and ``"<entry>/<layer>/R"``, the factors of ``D = L @ R`` of the
+  backbone log's ``entry`` (``backbone_log``: the method's start, if any, then one entry per round); an entry
+  without a delta has no keys.
 
 Nothing here is dense: a delta stays in its factored form from the method to the client's ``W += L @ R``.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from ..config import RunConfig
+from ..config import MAY_CHANGE_ON_RESUME, RunConfig
 from ..types import LoraPair, LowRank
 
 
@@ -107,27 +108,27 @@ def record_to_own(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def deltas_to_record(log: dict[int, dict[str, LowRank]]) -> ArrayRecord:
-    """Backbone deltas of several rounds (``{round: {layer: LowRank}}``) as one ``ArrayRecord``."""
-    return ArrayRecord({f"{round}/{name}/{side}": _array(getattr(delta, attr))
-                        for round, deltas in sorted(log.items()) for name, delta in deltas.items()
+    """Backbone deltas of several log entries (``{entry: {layer: LowRank}}``) as one ``ArrayRecord``."""
+    return ArrayRecord({f"{entry}/{name}/{side}": _array(getattr(delta, attr))
+                        for entry, deltas in sorted(log.items()) for name, delta in deltas.items()
                         for side, attr in (("L", "left"), ("R", "right"))})
 
 
 def record_to_deltas(record: ArrayRecord) -> dict[int, dict[str, LowRank]]:
-    """``{round: {layer: LowRank}}`` back from ``deltas_to_record``."""
+    """``{entry: {layer: LowRank}}`` back from ``deltas_to_record``."""
     sides: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, array in record.items():
-        round, sep, rest = key.partition("/")
+        entry, sep, rest = key.partition("/")
         name, sep2, side = rest.rpartition("/")
-        if not (sep and sep2 and round.isdigit() and name and side in ("L", "R")):
-            raise ValueError(f"unexpected array {key!r}: backbone keys are '<round>/<layer>/L' or '/R'")
-        sides.setdefault(int(round), {}).setdefault(name, {})[side] = _tensor(array)
+        if not (sep and sep2 and entry.isdigit() and name and side in ("L", "R")):
+            raise ValueError(f"unexpected array {key!r}: backbone keys are '<entry>/<layer>/L' or '/R'")
+        sides.setdefault(int(entry), {}).setdefault(name, {})[side] = _tensor(array)
     log: dict[int, dict[str, LowRank]] = {}
-    for round, layers in sides.items():
+    for entry, layers in sides.items():
         for name, pair in layers.items():
             if set(pair) != {"L", "R"}:
-                raise ValueError(f"backbone delta of round {round}, layer {name!r} lacks a factor")
-            log.setdefault(round, {})[name] = LowRank(pair["L"], pair["R"])
+                raise ValueError(f"backbone delta of log entry {entry}, layer {name!r} lacks a factor")
+            log.setdefault(entry, {})[name] = LowRank(pair["L"], pair["R"])
     return log
 
 
@@ -142,12 +143,8 @@ def config_json(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
-# The fields that do not change the model a client builds or the data it trains on.
-_NOT_MODEL = ("out", "export_merged", "device", "rounds", "eval_every", "accuracy_every", "accuracy_per_family",
-              "gsm8k_eval", "max_new_tokens")
-
-
 def fingerprint(config: RunConfig) -> str:
-    """A short hash of what defines the clients' model and data; a node's backbone state is only valid under it."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL}
+    """A short hash of what defines the clients' model and data (every field a resumed run may not change); a node's
+    backbone state is only valid under it."""
+    values = {k: v for k, v in config.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

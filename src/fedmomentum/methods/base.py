@@ -1,15 +1,18 @@
-"""What every aggregation method shares: input checks, client weights, per-layer loop, round stats, held state
-(the small pieces of maths several methods use are in ``shared.py``).
+"""What every aggregation method shares: input checks, client weights, per-layer loop, round stats, the method's
+state (the small pieces of maths several methods use are in ``shared.py``).
 
-A method sees tensors only. Subclasses implement ``aggregate_layer`` for one layer; the base class checks
-the updates, computes ``p_i``, brings every update to the global LoRA scaling (a client of another rank has its
-own ``s_k``), casts to the aggregation dtype and totals the stats. A method that needs an SVD says of what in
-``svd_terms``; the base class takes those SVDs for all layers at once (``linalg.svds``: layers of equal shape in
-one batch, unless ``batched=False``) and hands each layer its own.
+A method sees tensors only, and never changes: what it carries from one round to the next (its state: FedMomentum's
+held residuals) goes into ``aggregate`` and comes back in ``Aggregate.state``, like optax's ``update``. Rounds are
+1-based: ``t`` is the ``t``-th aggregation (0: before training). Subclasses implement ``aggregate_layer`` for one
+layer; the base class checks the updates, computes ``p_i``, brings every update to the global LoRA scaling (a client
+of another rank has its own ``s_k``), casts to the aggregation dtype and totals the stats. A method that needs an SVD
+says of what in ``svd_terms``; the base class takes those SVDs (``linalg.decompose``: a route per group of layers of
+equal shape, by cost; batched a chunk at a time as the layers are aggregated, unless ``batched=False``) and hands each
+layer its own.
 
 Besides ``aggregate``, two optional parts of the contract:
 
-- ``start(global_lora, weights, scaling=s)``: called once before round 0 with the adapted layers' current
+- ``start(global_lora, weights, scaling=s)``: called once before round 1 with the adapted layers' current
   backbone weights; a method that initialises from them (FRLoRA) returns the initial adapter and a backbone delta;
 - ``client_start(global_lora, own=..., rank=..., scaling=..., global_scaling=...)``: the adapter one client trains
   from: the global one at the client's own rank, with the factors the method keeps on the client (``local``,
@@ -22,16 +25,26 @@ import math
 import numbers
 import zlib
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from ..linalg import ProductSVD, Terms, decompose
-from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, Tensor, UpdateError
+from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, StateDict, Tensor, UpdateError
 from .shared import at_rank
 
 WIRE_BYTES = 4  # float32 on the wire
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class LayerResult(NamedTuple):
+    """One layer's aggregate: the new adapter, a backbone delta (or None), stats, and the layer's part of the
+    method's state after the round (``slot → tensor``)."""
+
+    lora: LoraPair
+    backbone: LowRank | None = None
+    stats: LayerStats | None = None
+    state: dict[str, Tensor] | None = None
 
 
 class Method:
@@ -40,7 +53,6 @@ class Method:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
-    holds_state: ClassVar[bool] = False  # may it hold deltas back between rounds (``held``)?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
     svd: str = "auto"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
@@ -57,15 +69,14 @@ class Method:
         self.dtype = DTYPES[dtype]
         self.seed = seed
         self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
-        self.held: dict[str, LowRank] = {}  # deltas held back for a later round: the state between rounds
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
     # --- the contract -------------------------------------------------------------------------------
 
-    def trainable(self, round: int) -> dict[str, bool]:
-        """Which factors the clients train in ``round`` (0-based)."""
+    def trainable(self, t: int) -> dict[str, bool]:
+        """Which factors the clients train in round ``t`` (1-based; 0 = before training)."""
         return {"A": True, "B": True}
 
     def aggregate(
@@ -74,10 +85,13 @@ class Method:
         updates: list[ClientUpdate],
         *,
         scaling: float,
-        round: int = 0,
+        t: int = 1,
+        state: StateDict | None = None,
     ) -> Aggregate:
-        """Combine the clients' factors into a new global adapter and backbone deltas.
+        """Combine the clients' factors of round ``t`` (1-based) into a new global adapter and backbone deltas.
 
+        ``state`` is the method's state after the previous round (``Aggregate.state``; empty before round 1); the
+        state after this round comes back in the result, and neither the method nor ``state`` is changed.
         An update with its own ``scaling`` ``s_k`` (a client of another rank) enters as ``s_k B_k A_k``: its ``B``
         is multiplied by ``s_k / s`` before the method sees it, so every method works in the global scale.
         Input that cannot be aggregated (see ``validate``), and a result that overflows the aggregation dtype, raise
@@ -86,43 +100,47 @@ class Method:
         if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling) \
                 or scaling <= 0:
             raise UpdateError(f"{self.name}: scaling must be a finite number > 0, got {scaling!r}")
-        if isinstance(round, bool) or not isinstance(round, numbers.Integral) or round < 0:
-            raise UpdateError(f"{self.name}: round must be an integer ≥ 0, got {round!r}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+            raise UpdateError(f"{self.name}: the round t must be an integer ≥ 1, got {t!r}")
+        state = state or {}
         self.validate(global_lora, updates, scaling)
+        layer_states = _by_layer(state, global_lora, self.dtype)
         weights = self.client_weights(updates)
         ratios = [1.0 if u.scaling is None else float(u.scaling) / scaling for u in updates]
         pairs = {name: pair.to(self.dtype) for name, pair in global_lora.items()}
         clients = {name: [_rescaled(u.factors[name].to(self.dtype), ratio) for u, ratio in zip(updates, ratios,
                                                                                                  strict=True)]
                    for name in pairs}
-        terms = {name: self.svd_terms(name, pair, clients[name], weights, scaling, round)
+        terms = {name: self.svd_terms(name, pair, clients[name], weights, scaling, t)
                  for name, pair in pairs.items()}
-        decomposed = self._svds({name: t for name, t in terms.items() if t is not None})
-        lora, backbone, per_layer = {}, {}, {}
+        decomposed = self._svds({name: terms_ for name, terms_ in terms.items() if terms_ is not None})
+        lora, backbone, per_layer, new_state = {}, {}, {}, {}
         for name, pair in pairs.items():
             try:
                 if terms[name] is not None and name not in decomposed:
                     raise torch.linalg.LinAlgError(name)
-                new, delta, stats = self.aggregate_layer(name, pair, clients[name], weights, scaling, round,
-                                                         decomposed.get(name))
+                result = self.aggregate_layer(name, pair, clients[name], weights, scaling, t, decomposed.get(name),
+                                              layer_states.get(name, {}))
             except torch.linalg.LinAlgError:
-                new, delta, stats = None, None, {}
-            self._check_result(name, new, delta, stats)
-            lora[name] = new
-            if delta is not None and delta.rank > 0:
-                backbone[name] = delta
-            per_layer[name] = stats
-        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, round), dict(self.held))
+                result = None
+            self._check_result(name, result)
+            lora[name] = result.lora
+            if result.backbone is not None and result.backbone.rank > 0:
+                backbone[name] = result.backbone
+            per_layer[name] = result.stats or {}
+            for slot, tensor in (result.state or {}).items():
+                new_state.setdefault(slot, {})[name] = tensor
+        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, t), new_state)
 
-    def shared(self, round: int) -> dict[str, bool]:
-        """Which global factors the server sends the clients after ``round``: the trained ones, except those each
+    def shared(self, t: int) -> dict[str, bool]:
+        """Which global factors the server sends the clients after round ``t``: the trained ones, except those each
         client keeps for itself (``local``)."""
-        trained = self.trainable(round)
+        trained = self.trainable(t)
         return {factor: trained[factor] and factor not in self.local for factor in ("A", "B")}
 
     def start(self, global_lora: dict[str, LoraPair], weights: Mapping[str, Tensor], *,
               scaling: float) -> Aggregate | None:
-        """Before round 0: a new initial adapter and backbone deltas computed from the adapted layers' backbone
+        """Before round 1: a new initial adapter and backbone deltas computed from the adapted layers' backbone
         ``weights`` (``out×in``, read on demand), or ``None`` to keep the seeded LoRA init (every method but FRLoRA).
         Called only when ``uses_backbone`` is set."""
         return None
@@ -135,9 +153,9 @@ class Method:
         rank: int | None = None,
         scaling: float | None = None,
         global_scaling: float | None = None,
-        round: int = 0,
+        t: int = 1,
     ) -> dict[str, LoraPair]:
-        """The adapter a client trains from in ``round``.
+        """The adapter a client trains from in round ``t``.
 
         ``rank``/``scaling``: the client's LoRA rank ``r_k`` and scaling ``s_k`` when they differ from the global
         adapter's (``global_scaling`` = ``s``). The client's model then starts as ``s_k B_k A_k = s B A`` exactly
@@ -154,7 +172,7 @@ class Method:
         for name, pair in global_lora.items():
             if resize and (rank != pair.rank or ratio != 1.0):
                 pair = at_rank(pair, rank, ratio, lambda n, name=name, pair=pair: self.fresh_A(
-                    f"{name}/start", n, pair.shape[1], round))
+                    f"{name}/start", n, pair.shape[1], t))
             start[name] = pair
         for factor, layers in (own or {}).items():
             if factor not in self.local:
@@ -168,9 +186,9 @@ class Method:
                 start[name] = LoraPair(value, pair.B) if factor == "A" else LoraPair(pair.A, value)
         return start
 
-    def local_state(self, update: ClientUpdate) -> dict[str, dict[str, Tensor]]:
+    def local_state(self, update: ClientUpdate) -> StateDict:
         """What the client keeps after training (its ``local`` factors, ``{factor: {layer: tensor}}``);
-        ``{}`` for a method that keeps nothing on the clients."""
+        ``{}`` for a method that keeps nothing on the clients. ``client.train_round`` puts it in ``update.keep``."""
         return {factor: {name: getattr(pair, factor) for name, pair in update.factors.items()}
                 for factor in self.local}
 
@@ -187,46 +205,24 @@ class Method:
         lets the route be approximate within a tenth of what it drops."""
         return decompose(terms, self.svd, batched=self.batched, energy=getattr(self, "residual_energy", 1.0))
 
-    def _check_result(self, name: str, new: LoraPair | None, delta: LowRank | None, stats: LayerStats) -> None:
+    def _check_result(self, name: str, result: LayerResult | None) -> None:
         """A layer whose aggregate is not finite (or whose SVD failed on it) overflowed the aggregation dtype."""
-        tensors = [] if new is None else [new.A, new.B]
-        tensors += [] if delta is None else [delta.left, delta.right]
-        if name in self.held:
-            tensors += [self.held[name].left, self.held[name].right]
-        numbers_ = [v for v in stats.values() if isinstance(v, float)]
-        if new is None or not _all_finite(tensors) or not all(math.isfinite(v) for v in numbers_):
+        tensors = [] if result is None else [result.lora.A, result.lora.B, *(result.state or {}).values()]
+        if result is not None and result.backbone is not None:
+            tensors += [result.backbone.left, result.backbone.right]
+        numbers_ = [v for v in (result.stats or {}).values() if isinstance(v, float)] if result else []
+        if result is None or not _all_finite(tensors) or not all(math.isfinite(v) for v in numbers_):
             dtype = str(self.dtype).removeprefix("torch.")
-            what = "the SVD of the aggregate failed to converge" if new is None else f"the aggregate overflows {dtype}"
+            what = ("the SVD of the aggregate failed to converge" if result is None
+                    else f"the aggregate overflows {dtype}")
             raise UpdateError(f"{self.name}, layer {name!r}: {what} (the clients' factors are too large); check the "
                               "clients' training" + (", or aggregate in float64 (dtype='float64')"
                                                      if dtype != "float64" else ""))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The held deltas as a flat dict of tensors (safetensors-ready); ``{}`` when nothing is held."""
-        state = {}
-        for name, delta in self.held.items():
-            state[f"held.{name}.left"] = delta.left.clone(memory_format=torch.contiguous_format)
-            state[f"held.{name}.right"] = delta.right.clone(memory_format=torch.contiguous_format)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what ``state_dict`` returned (for resuming a run)."""
-        if state and not self.holds_state:
-            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)[:5]}")
-        unknown = [key for key in state if not key.startswith("held.")]
-        if unknown:
-            raise ValueError(f"{self.name}: unexpected state keys {unknown[:5]}")
-        names = {key[len("held."):].rsplit(".", 1)[0] for key in state}
-        try:
-            self.held = {n: LowRank(state[f"held.{n}.left"].to(self.dtype), state[f"held.{n}.right"].to(self.dtype))
-                         for n in names}
-        except KeyError as missing:
-            raise ValueError(f"{self.name}: state is missing {missing}") from None
-
     # --- for subclasses -----------------------------------------------------------------------------
 
     def svd_terms(self, name: str, global_pair: LoraPair, clients: list[LoraPair], weights: list[float],
-                  scaling: float, round: int) -> Terms | None:
+                  scaling: float, t: int) -> Terms | None:
         """The low-rank sum whose SVD ``aggregate_layer`` needs for this layer (None: no SVD, the default)."""
         return None
 
@@ -237,10 +233,12 @@ class Method:
         clients: list[LoraPair],
         weights: list[float],
         scaling: float,
-        round: int,
+        t: int,
         svd: ProductSVD | None,
-    ) -> tuple[LoraPair, LowRank | None, LayerStats]:
-        """One layer's new adapter, backbone delta (or None) and stats; ``svd`` is the SVD of ``svd_terms``."""
+        state: dict[str, Tensor],
+    ) -> LayerResult:
+        """One layer's result in round ``t``; ``svd`` is the SVD of ``svd_terms``, ``state`` the layer's part of the
+        method's state after the previous round (``slot → tensor``; read it, never change it)."""
         raise NotImplementedError
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
@@ -250,9 +248,11 @@ class Method:
         total = sum(int(u.num_examples) for u in updates)
         return [int(u.num_examples) / total for u in updates]
 
-    def fresh_A(self, name: str, rows: int, in_features: int, round: int) -> Tensor:
-        """Rows of a new LoRA ``A`` as PEFT initialises it (kaiming-uniform), seeded by method seed, round, layer."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round * 10_007 + zlib.crc32(name.encode()))
+    def fresh_A(self, name: str, rows: int, in_features: int, t: int) -> Tensor:
+        """Rows of a new LoRA ``A`` as PEFT initialises it (kaiming-uniform), seeded by method seed, round ``t``
+        (1-based; seeded as ``t − 1``, the numbering of earlier versions, so results stay the same) and layer."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (t - 1) * 10_007
+                                                  + zlib.crc32(name.encode()))
         bound = 1.0 / math.sqrt(in_features)
         return (torch.rand(rows, in_features, generator=generator, dtype=self.dtype) * 2 - 1) * bound
 
@@ -309,10 +309,10 @@ class Method:
             where, factor = next((where, factor) for where, factor, X in factors if not _all_finite([X]))
             raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
 
-    def round_stats(self, per_layer, lora, backbone, updates, round) -> RoundStats:
+    def round_stats(self, per_layer, lora, backbone, updates, t) -> RoundStats:
         """Totals over layers, plus what each client sends and receives (float32 factors; backbone deltas at
         ``backbone_wire_bytes`` a value)."""
-        trained, sent = self.trainable(round), self.shared(round)
+        trained, sent = self.trainable(t), self.shared(t)
         uplink = {
             (u.client_id or str(i)): WIRE_BYTES * sum(
                 p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in u.factors.values())
@@ -327,7 +327,7 @@ class Method:
         dropped = sum(s.get("energy", 0.0) * s.get("energy_dropped", 0.0) for s in per_layer.values())
         return RoundStats(**{
             "method": self.name,
-            "round": round,
+            "round": t,
             "clients": len(updates),
             "rank_kept": max(p.rank for p in lora.values()),
             "residual_rank": sum(d.rank for d in backbone.values()),
@@ -350,3 +350,15 @@ def _all_finite(tensors: list[Tensor]) -> bool:
 def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:
     """``pair`` with ``B`` multiplied by ``ratio = s_k / s``, so that ``s B A`` is the client's ``s_k B_k A_k``."""
     return pair if ratio == 1.0 else LoraPair(pair.A, pair.B * ratio)
+
+
+def _by_layer(state: StateDict, global_lora: dict[str, LoraPair], dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
+    """The method's state (``slot → layer → tensor``) as ``layer → slot → tensor`` in the aggregation dtype; a layer
+    the adapter lacks is an ``UpdateError`` (a state from another model)."""
+    by_layer: dict[str, dict[str, Tensor]] = {}
+    for slot, layers in state.items():
+        for name, tensor in layers.items():
+            if name not in global_lora:
+                raise UpdateError(f"the method's state has {slot!r} for layer {name!r}, which the adapter lacks")
+            by_layer.setdefault(name, {})[slot] = tensor.to(dtype)
+    return by_layer

@@ -10,7 +10,7 @@ import torch
 
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank, UpdateError
-from .base import Method
+from .base import LayerResult, Method
 from .shared import mean
 
 
@@ -44,12 +44,12 @@ class FedExLoRA(Method):
         padded = [_pad(c, global_pair.rank) for c in clients]
         return LoraPair(mean([c.A for c in padded], weights), mean([c.B for c in padded], weights))
 
-    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+    def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         """``s Σ p_i B_i A_i − s B'A'``: the exact aggregate minus what the averaged adapter carries."""
         new = self._average(global_pair, clients, weights)
         return Terms([c.B for c in clients] + [new.B], [c.A for c in clients] + [new.A],
                      [scaling * w for w in weights] + [-scaling])
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = self._average(global_pair, clients, weights)
-        return new, compress(LowRank(svd.L, svd.R), svd), {"rank": global_pair.rank}
+        return LayerResult(new, compress(LowRank(svd.L, svd.R), svd), {"rank": global_pair.rank})

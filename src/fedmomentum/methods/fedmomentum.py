@@ -25,19 +25,20 @@ import torch
 
 from ..linalg import SVD_KINDS, Terms, compress, energy_rank, lowrank_norm, numerical_rank
 from ..types import LowRank
-from .base import Method
+from .base import LayerResult, Method
 from .shared import SPLITS, adapter_from_svd
 
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HELD_LEFT, HELD_RIGHT = "held_left", "held_right"  # the state's slots: a layer's held residual, left @ right
 
 
 class FedMomentum(Method):
     """Options: ``residual_energy`` τ, ``split``, ``merge_residual``, ``merge_every``, ``svd``,
-    ``compress_residual``, ``residual_dtype``."""
+    ``compress_residual``, ``residual_dtype``. State: with ``merge_every > 1``, each layer's residual held back on the
+    server, as the slots ``held_left`` / ``held_right``."""
 
     name = "fedmomentum"
     mixed_ranks = True
-    holds_state = True  # with merge_every > 1, residuals wait on the server (``held``)
 
     def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
                  merge_every: int = 1, svd: str = "auto", compress_residual: bool = False,
@@ -69,10 +70,10 @@ class FedMomentum(Method):
         return (self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
                 and self.residual_dtype == torch.float32)
 
-    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+    def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # M = Σ p_i B_i A_i
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         rank, shape = global_pair.rank, global_pair.shape
         L, R, S = svd.L, svd.R, svd.S  # L @ R = M, stacked
         spectrum = svd.S_cpu  # S on the host: ranks and stats without a GPU sync each
@@ -85,7 +86,7 @@ class FedMomentum(Method):
         RV = R @ Vh.mT
         US = L @ RV  # M V = U S, so U S Vh is exactly M's projection on those right singular vectors
         new = adapter_from_svd(US[:, :alive], S[:alive], Vh[:alive], rank, self.split,
-                               lambda n: self.fresh_A(name, n, shape[1], round))
+                               lambda n: self.fresh_A(name, n, shape[1], t))
         if whole_tail:
             residual = LowRank(L, torch.addmm(R, RV, Vh, beta=scaling, alpha=-scaling)) if nonzero > alive else None
             residual_rank, dropped = max(0, nonzero - alive), 0.0
@@ -100,13 +101,14 @@ class FedMomentum(Method):
             "energy": energy,
             "energy_dropped": dropped / energy if energy > 0 else 0.0,
         }
-        residual = self._hold_or_release(name, residual, round)
-        if name in self.held:
-            stats["held_rank"] = self.held[name].rank
+        residual, held = self._hold_or_release(residual, state, t)
+        if held is not None:
+            stats["held_rank"] = held.rank
         if residual is not None and self.residual_dtype != torch.float32:
             residual, error = self._round(residual)
             stats["rounding_error"] = error / (scaling * energy ** 0.5) if energy > 0 else 0.0
-        return new, residual, stats
+        return LayerResult(new, residual, stats, None if held is None else {HELD_LEFT: held.left,
+                                                                          HELD_RIGHT: held.right})
 
     def _round(self, residual: LowRank) -> tuple[LowRank, float]:
         """The residual's factors as they arrive in ``residual_dtype``, and ``‖sent − residual‖_F``.
@@ -123,12 +125,13 @@ class FedMomentum(Method):
         error = lowrank_norm(torch.cat([sent.left, -residual.left], 1), torch.cat([sent.right, residual.right], 0))
         return sent, error
 
-    def _hold_or_release(self, name: str, residual: LowRank | None, round: int) -> LowRank | None:
-        """With ``merge_every = k`` residuals wait on the server and go out together after every ``k``-th round."""
-        if name in self.held:
-            held = self.held.pop(name)
+    def _hold_or_release(self, residual: LowRank | None, state: dict, t: int) -> tuple[LowRank | None,
+                                                                                        LowRank | None]:
+        """With ``merge_every = k`` residuals wait on the server and go out together after every ``k``-th round:
+        returns what goes to the backbone now and what stays held (the layer's new state)."""
+        if HELD_LEFT in state:
+            held = LowRank(state[HELD_LEFT], state[HELD_RIGHT])
             residual = held if residual is None else compress(held + residual)
-        if residual is None or (round + 1) % self.merge_every == 0:
-            return residual
-        self.held[name] = residual
-        return None
+        if residual is None or t % self.merge_every == 0:
+            return residual, None
+        return None, residual

@@ -13,7 +13,7 @@ the average of the client models (``noise_norm``); each client's own model is ``
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method
+from .base import LayerResult, Method
 from .shared import fedit_noise, mean
 
 
@@ -22,6 +22,6 @@ class FedSALoRA(Method):
     exact = False
     local = ("B",)
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = LoraPair(mean([c.A for c in clients], weights), mean([c.B for c in clients], weights))
-        return new, None, {"rank": new.rank, "noise_norm": fedit_noise(clients, weights, new, scaling)}
+        return LayerResult(new, None, {"rank": new.rank, "noise_norm": fedit_noise(clients, weights, new, scaling)})

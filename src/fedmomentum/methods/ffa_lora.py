@@ -6,16 +6,16 @@ With a shared ``A``, ``Σ p_i B_i A = (Σ p_i B_i) A``: exact, at the price of h
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method
+from .base import LayerResult, Method
 from .shared import mean
 
 
 class FFALoRA(Method):
     name = "ffa-lora"
 
-    def trainable(self, round):
+    def trainable(self, t):
         return {"A": False, "B": True}
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
-        return new, None, {"rank": new.rank}
+        return LayerResult(new, None, {"rank": new.rank})

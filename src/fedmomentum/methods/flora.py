@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank
-from .base import Method
+from .base import LayerResult, Method
 
 
 class FLoRA(Method):
     name = "flora"
     mixed_ranks = True
 
-    def svd_terms(self, name, global_pair, clients, weights, scaling, round):
+    def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], [scaling * w for w in weights])
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         delta = compress(LowRank(svd.L, svd.R), svd)  # s·Σ p_i B_i A_i
         rank, (out_features, in_features) = global_pair.rank, global_pair.shape
-        new = LoraPair(self.fresh_A(name, rank, in_features, round).to(delta.left.device),
+        new = LoraPair(self.fresh_A(name, rank, in_features, t).to(delta.left.device),
                        delta.left.new_zeros(out_features, rank))
-        return new, delta, {"rank": rank}
+        return LayerResult(new, delta, {"rank": rank})

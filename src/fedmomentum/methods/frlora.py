@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..linalg import compress, dense_svd, randomized_svd
 from ..types import Aggregate, LoraPair, LowRank
-from .base import Method
+from .base import LayerResult, Method
 from .shared import adapter_from_svd, fedit_noise, mean, product_sum
 
 AVERAGES = ("factors", "products")
@@ -44,7 +44,7 @@ class FRLoRA(Method):
     def exact(self) -> bool:  # type: ignore[override]
         return self.average == "products"
 
-    def shared(self, round):
+    def shared(self, t):
         """Nothing of the adapter: it is ``(A₀, B₀)`` every round, which the clients have had since the start; they
         receive only the backbone delta."""
         return {"A": False, "B": False}
@@ -66,15 +66,15 @@ class FRLoRA(Method):
                 U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
             S = S / scaling  # s B₀ A₀ = U_r S_r V_rᵀ
             new = adapter_from_svd(U * S, S, Vh, rank, "balanced",
-                                   lambda n, name=name, k=pair.shape[1]: self.fresh_A(name, n, k, -1))
+                                   lambda n, name=name, k=pair.shape[1]: self.fresh_A(name, n, k, 0))
             lora[name] = LoraPair(new.A.to(pair.A.device), new.B.to(pair.A.device))
             backbone[name] = LowRank((-scaling * new.B).to(pair.A.device), lora[name].A)
             layers[name] = {"rank": rank, "residual_rank": rank}
-        stats = {"method": self.name, "round": -1, "rank_kept": max(p.rank for p in lora.values()),
+        stats = {"method": self.name, "round": 0, "rank_kept": max(p.rank for p in lora.values()),
                  "residual_rank": sum(d.rank for d in backbone.values()), "layers": layers}
         return Aggregate(lora, backbone, stats)  # type: ignore[arg-type]
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         init = global_pair  # (A₀, B₀): every client started from it, and the adapter goes back to it
         back = LowRank(-scaling * init.B, init.A)
         stats = {"rank": init.rank}
@@ -86,4 +86,4 @@ class FRLoRA(Method):
             update = product_sum(clients, weights, scaling) + back
         delta = compress(update)
         stats["residual_rank"] = delta.rank
-        return LoraPair(init.A.clone(), init.B.clone()), delta, stats
+        return LayerResult(LoraPair(init.A.clone(), init.B.clone()), delta, stats)

@@ -6,19 +6,21 @@ The frozen factor is the same on every client, so the average of the products is
 from __future__ import annotations
 
 from ..types import LoraPair
-from .base import Method
+from .base import LayerResult, Method
 from .shared import mean
 
 
 class RoLoRA(Method):
     name = "rolora"
 
-    def trainable(self, round):
-        return {"A": round % 2 == 1, "B": round % 2 == 0}
+    def trainable(self, t):
+        """``B`` in rounds 1, 3, 5, …, ``A`` in rounds 2, 4, … (round 0, before training, as round 1)."""
+        train_B = t % 2 == 1 or t == 0
+        return {"A": not train_B, "B": train_B}
 
-    def aggregate_layer(self, name, global_pair, clients, weights, scaling, round, svd):
-        if self.trainable(round)["B"]:
+    def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
+        if self.trainable(t)["B"]:
             new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
         else:
             new = LoraPair(mean([c.A for c in clients], weights), global_pair.B.clone())
-        return new, None, {"rank": new.rank}
+        return LayerResult(new, None, {"rank": new.rank})
