@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from ..config import RunConfig
+from ..config import MAY_CHANGE_ON_RESUME, RunConfig
 from ..types import LoraPair, LowRank
 
 
@@ -142,12 +142,7 @@ def config_json(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
-# The fields that do not change the model a client builds or the data it trains on.
-_NOT_MODEL = ("out", "export_merged", "device", "rounds", "eval_every", "accuracy_every", "accuracy_per_family",
-              "gsm8k_eval", "max_new_tokens")
-
-
 def fingerprint(config: RunConfig) -> str:
     """A short hash of what defines the clients' model and data; a node's backbone state is only valid under it."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL}
+    values = {k: v for k, v in config.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}  # the model and data only
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

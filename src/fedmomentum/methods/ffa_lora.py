@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import Method
+from .option_specs import FFALoRAOptions
 from .shared import mean
 
 
 class FFALoRA(Method):
     name = "ffa-lora"
+    Options = FFALoRAOptions
 
     def trainable(self, round):
         return {"A": False, "B": True}

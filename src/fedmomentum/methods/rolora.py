@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import Method
+from .option_specs import RoLoRAOptions
 from .shared import mean
 
 
 class RoLoRA(Method):
     name = "rolora"
+    Options = RoLoRAOptions
 
     def trainable(self, round):
         return {"A": round % 2 == 1, "B": round % 2 == 0}

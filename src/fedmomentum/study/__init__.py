@@ -12,11 +12,13 @@ A study file (TOML or YAML) holds:
 
 Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
 read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
+``fedmomentum compare`` is a one-seed study of a cell per method (``of_methods``), its runs in ``OUT/<method>``.
 """
 
-from .runner import RunResult, claim, execute, release, run_folder, state
-from .spec import Cell, Study, StudyError, load
+from .runner import RunResult, claim, execute, flat_folder, release, run_folder, state
+from .spec import Cell, Study, StudyError, load, of_methods
 from .summary import Band, CellSummary, Interval, curves, interval, run_metrics, summarize, write
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "execute", "interval", "load", "release", "run_folder", "run_metrics", "state", "summarize", "write"]
+           "execute", "flat_folder", "interval", "load", "of_methods", "release", "run_folder", "run_metrics", "state",
+           "summarize", "write"]
