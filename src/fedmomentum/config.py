@@ -147,7 +147,7 @@ class RunConfig(TrainConfig):
         """Raise a one-line ``ValueError`` for a value of the wrong type, out of range, or naming no device here."""
         from . import methods, records
 
-        keys.check(self, lambda name: f"config key {name}")
+        keys.check(self, lambda name: f"config key {name}", lambda name: f"bad config: {name}")
         methods.check_options(self.method, self.method_options)  # unknown method or option → ValueError
         records.check_report_to(self.report_to)
         checks = [

@@ -89,14 +89,15 @@ def declared(cls: type) -> dict[str, Declared]:
     return found
 
 
-def check(values: object, what: Callable[[str], str]) -> None:
+def check(values: object, what: Callable[[str], str], out_of_range: Callable[[str], str] | None = None) -> None:
     """Raise a one-line ``ValueError`` unless every field of the dataclass instance ``values`` has its declared type
-    and keeps its rule; ``what(name)`` names the key in the message (``config key lr``)."""
+    and keeps its rule; ``what(name)`` names the key in the message (``config key lr``), ``out_of_range(name)`` in
+    the message of a broken rule (default: ``what``)."""
     for name, spec in declared(type(values)).items():
         value = getattr(values, name)
         check_type(value, spec.kind, what(name))
         if spec.rule is not None and value is not None and not spec.rule.holds(value):
-            raise ValueError(f"{what(name)} must be {spec.rule.text}, got {value!r}")
+            raise ValueError(f"{(out_of_range or what)(name)} must be {spec.rule.text}, got {value!r}")
 
 
 def suggest(name: str, known: typing.Iterable[str], aliases: Mapping[str, str] | None = None) -> str | None:
@@ -115,12 +116,14 @@ def suggest(name: str, known: typing.Iterable[str], aliases: Mapping[str, str] |
     return close[0] if close else None
 
 
-def unknown(names: typing.Iterable[str], known: typing.Iterable[str], aliases: Mapping[str, str] | None = None
-            ) -> str:
-    """``'learning_rate' (did you mean 'lr'?), 'foo'``: each unknown name with its suggestion, if any."""
+def unknown(names: typing.Iterable[str], known: typing.Iterable[str], aliases: Mapping[str, str] | None = None,
+            quote: bool = True) -> str:
+    """``'learning_rate' (did you mean 'lr'?), 'foo'``: each unknown name with its suggestion, if any (``quote``:
+    names in quotes)."""
     known = list(known)
+    show = repr if quote else str
     parts = []
     for name in names:
         hint = suggest(name, known, aliases)
-        parts.append(f"{name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        parts.append(show(name) + (f" (did you mean {show(hint)}?)" if hint else ""))
     return ", ".join(parts)

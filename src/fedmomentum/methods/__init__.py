@@ -69,8 +69,9 @@ def check_options(name: str, opts: dict) -> MethodOptions:
     cls = option_class(name)
     unknown = [key for key in opts if key not in keys.declared(cls)]
     if unknown:
-        raise ValueError(f"unknown option(s) {keys.unknown(unknown, keys.declared(cls), ALIASES)} for method "
-                         f"{name!r}; it accepts {', '.join(keys.declared(cls))} (see: fedmomentum methods)")
+        listed = keys.unknown(unknown, keys.declared(cls), ALIASES, quote=False)
+        raise ValueError(f"unknown option(s) {listed} for method {name!r}; it accepts "
+                         f"{', '.join(keys.declared(cls))} (see: fedmomentum methods)")
     values = cls(**opts)
     keys.check(values, lambda key: f"{name} option {key}")
     return values

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as config_io
+from .. import rundir
 from ..config import RunConfig
 from ..records import read_metrics
 from .spec import Cell, Study
@@ -85,9 +86,6 @@ def state(folder: Path, config: RunConfig) -> str:
 
     A folder holding a run of other settings is an error rather than silently redone or mixed in.
     """
-    from .. import rundir
-    from ..driver import CHECKPOINT
-
     saved = folder / rundir.CONFIG
     if not saved.is_file():
         return "new"
@@ -102,7 +100,7 @@ def state(folder: Path, config: RunConfig) -> str:
     summary = folder / "summary.json"
     if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("rounds") == config.rounds:
         return "done"
-    return "partial" if (folder / CHECKPOINT).is_file() else "started"
+    return "partial" if (folder / rundir.CHECKPOINT).is_file() else "started"
 
 
 def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
