@@ -178,12 +178,13 @@ def traffic(method: str, options: dict, shapes: list[tuple[int, int]], rank: int
         return Traffic([A + B] * rounds, [A] * rounds, True, "B stays on the clients; the server sends A")
     if method == "flora":
         return Traffic([A + B] * rounds, [A + B + delta(n * r)] * rounds, False, "backbone delta of rank ≤ N·r")
-    if method == "fedex-lora":
-        return Traffic([A + B] * rounds, [A + B + delta((n + 1) * r)] * rounds, False,
-                       "backbone delta of rank ≤ (N+1)·r")
+    if method == "fedex-lora":  # s Σ p_i (B_i − B̄)(A_i − Ā): the N differences add up to 0, so rank ≤ (N−1)·r
+        return Traffic([A + B] * rounds, [A + B + delta((n - 1) * r)] * rounds, False,
+                       "backbone delta of rank ≤ (N−1)·r")
     if method == "frlora":
-        return Traffic([A + B] * rounds, [delta(2 * r)] * rounds, False,
-                       "backbone delta of rank ≤ 2r; the adapter (A₀, B₀) is not resent")
+        exact = options.get("average", "factors") == "products"
+        return Traffic([A + B] * rounds, [delta((n + 1) * r if exact else 2 * r)] * rounds, False,
+                       f"backbone delta of rank ≤ {'(N+1)·r' if exact else '2r'}; the adapter (A₀, B₀) is not resent")
     if method == "fedmomentum":
         return _fedmomentum(options, A + B, n, r, rounds, delta, stacked)
     return None
@@ -197,10 +198,9 @@ def _fedmomentum(options: dict, adapter: int, n: int, r: int, rounds: int, delta
     whole = options.get("residual_energy", 1.0) >= 1.0 and not options.get("compress_residual", False)
     if whole and every == 1:  # the stacked factors of Σ p_i B_i A_i's tail, as they are
         residual, note = stacked(n * r, value_bytes), "adapter + residual as rank-N·r factors"
-    else:  # the residual's own components beyond r; held ones are compressed together when released
-        per_round = n * r if whole else (n - 1) * r
-        residual = delta(per_round * every, value_bytes)
-        note = f"adapter + residual of rank ≤ {'N' if whole else '(N−1)'}·r"
+    else:  # the residual's own components beyond r (at most (N−1)·r); held ones are compressed together
+        residual = delta((n - 1) * r * every, value_bytes)
+        note = "adapter + residual of rank ≤ (N−1)·r"
         if every > 1:
             note += f" a round, held and sent every {every} rounds"
     released = [(t + 1) % every == 0 for t in range(rounds)]
@@ -268,5 +268,5 @@ def lines(plan: Plan) -> list[str]:
     elif plan.shapes is not None:
         out.append(f"per client  bytes unknown for method {config.method!r}")
     out += [f"note        {note}" for note in plan.notes]
-    out.append(f"out         {config.out}")
+    out.append(f"out         {config.out or '(not set)'}")
     return out
