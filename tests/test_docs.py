@@ -44,7 +44,7 @@ LINKED = ("examples", "benchmarks", "scripts", "src", "pyproject.toml")
 TINY_SETS = ("--set train_per_family=4 --set eval_per_family=2 --set max_length=48 --set batch_size=2 "
              "--set accuracy_per_family=1 --set max_new_tokens=2")
 TINY = {"run": f"--model tiny --local-steps 1 {TINY_SETS}", "compare": f"--model tiny --local-steps 1 {TINY_SETS}",
-        "study": f"--set model=tiny --set local_steps=1 --set rounds=2 {TINY_SETS}"}
+        "study": f"--set model=tiny --set local_steps=1 --set rounds=1 {TINY_SETS}"}
 MARKS = ("skip", "tiny", "replace", "file", "before", "env", "cpu-only")
 FENCE = re.compile(r"^```(\S*)\s*$")
 MARK = re.compile(r"^<!--\s*doc-test:\s*(\S+)\s*(.*?)\s*-->\s*$")
