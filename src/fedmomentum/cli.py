@@ -172,7 +172,7 @@ class Guard:
             typer.secho(f"error: {' '.join(line.split())}", fg="red", err=True)
             raise typer.Exit(2) from None
         finally:
-            if main:
+            if main and previous is not None:  # None: a handler not installed from Python, left as it is
                 signal.signal(signal.SIGTERM, previous)
 
 
