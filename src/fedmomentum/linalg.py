@@ -16,14 +16,16 @@ keep it busy, so the per-layer route is bound by latency. ``ProductSVD`` takes a
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .methods.option_specs import SvdKind
 from .types import LowRank, Tensor
 
-SVD_KINDS = ("factored", "dense", "randomized")
+SVD_KINDS = typing.get_args(SvdKind)  # declared with the methods' options
 
 
 def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[float] | None = None,
