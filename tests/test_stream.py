@@ -186,4 +186,5 @@ def test_a_method_given_the_streamed_svd_returns_the_all_at_once_aggregate(metho
     if m.exact:
         np.testing.assert_allclose(got.numpy(), M.numpy(), rtol=0, atol=4 * tol)
     for key, value in expected.stats["layers"][name].items():
-        assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        if key not in ("svd", "svd_error"):  # the route aggregate() took, which the stream does not report
+            assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -41,7 +41,7 @@ from .schedule import round_lr
 from .state import ServerState
 from .types import Aggregate, ClientUpdate, LoraPair
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = rundir.CHECKPOINT
 FOR_ORIGINAL_BASE = "adapter_for_original_base"
 
 

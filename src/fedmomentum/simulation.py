@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .build import Setup, client_examples, client_id, client_ids, encode_all, prepare
 from .client import train_round
-from .config import RunConfig
+from .config import RunConfig, default_out
 from .driver import ClientRound, Engine
 from .driver import run as drive
 from .schedule import client_ranks, client_seed, sample_clients
@@ -50,10 +50,6 @@ class InProcess(Engine):
                 updates.append(update)
                 losses.append(loss)
         return ClientRound(updates, losses)
-
-
-def default_out(config: RunConfig) -> RunConfig:
-    return config if config.out else config.replace(out=f"runs/{config.method}")
 
 
 def engine(config: RunConfig, model=None, tokenizer=None, quiet: bool = False) -> tuple[Setup, InProcess]:

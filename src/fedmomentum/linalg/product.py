@@ -20,17 +20,19 @@ A ``ProductSVD`` takes a leading batch dimension (``L: b×d×q``, ``R: b×q×k``
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..methods.option_specs import SvdKind
 from ..types import LowRank, Tensor
 from .cost import exact_route
 from .sketch import SketchOptions, range_of
 from .spectrum import numerical_rank, spectral_norm
 
-SVD_KINDS = ("auto", "factored", "dense", "sketch", "randomized")
+SVD_KINDS = typing.get_args(SvdKind)  # declared with the methods' options
 EXACT_KINDS = ("factored", "dense")
 
 

@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 import zlib
 from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
 
+from ..keys import check as check_declared
+from ..keys import declared
 from ..linalg import ProductSVD, Terms, decompose
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, StateDict, Tensor, UpdateError
+from .option_specs import AggregationDtype, MethodOptions
 from .shared import at_rank
 
 WIRE_BYTES = 4  # float32 on the wire
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in typing.get_args(AggregationDtype)}
 
 
 class LayerResult(NamedTuple):
@@ -51,6 +55,7 @@ class Method:
     """Base class: FedIT-style training of both factors; subclasses override what differs."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # its options, declared torch-free (option_specs.py)
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
@@ -58,17 +63,23 @@ class Method:
     svd: str = "auto"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
     backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
-    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True):
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.weighting = weighting
-        self.dtype = DTYPES[dtype]
-        self.seed = seed
-        self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
+    def __init__(self, options: MethodOptions | None = None, **values):
+        """``options``: this method's checked ``Options`` (``methods.create`` passes them), or their fields as
+        keywords, checked here; an unknown one, a value of the wrong type or out of range is a ``ValueError``."""
+        if options is None:
+            unknown = [key for key in values if key not in declared(self.Options)]
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; it accepts "
+                                 f"{', '.join(declared(self.Options))}")
+            options = self.Options(**values)
+        elif values or not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes a {self.Options.__name__} or its fields as keywords")
+        check_declared(options, lambda key: f"{self.name} option {key}")
+        self.options = options
+        self.weighting = options.weighting
+        self.dtype = DTYPES[options.dtype]
+        self.seed = int(options.seed)
+        self.batched = options.batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -127,7 +138,7 @@ class Method:
             lora[name] = result.lora
             if result.backbone is not None and result.backbone.rank > 0:
                 backbone[name] = result.backbone
-            per_layer[name] = result.stats or {}
+            per_layer[name] = {**(result.stats or {}), **(decomposed.stats(name) if terms[name] is not None else {})}
             for slot, tensor in (result.state or {}).items():
                 new_state.setdefault(slot, {})[name] = tensor
         return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, t), new_state)

@@ -5,23 +5,21 @@ Not exact: the energy beyond rank ``r`` is lost every round (reported as ``energ
 
 from __future__ import annotations
 
-from ..linalg import SVD_KINDS, Terms, numerical_rank
+from ..linalg import Terms, numerical_rank
 from .base import LayerResult, Method
-from .shared import SPLITS, adapter_from_svd
+from .option_specs import FlexLoRAOptions
+from .shared import adapter_from_svd
 
 
 class FlexLoRA(Method):
     name = "flexlora"
+    Options = FlexLoRAOptions
     exact = False
     mixed_ranks = True
 
-    def __init__(self, split: str = "balanced", svd: str = "auto", **common):
-        super().__init__(**common)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if svd not in SVD_KINDS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
-        self.split, self.svd = split, svd
+    def __init__(self, options: FlexLoRAOptions | None = None, **values):
+        super().__init__(options, **values)
+        self.split, self.svd = self.options.split, self.options.svd
 
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # Σ p_i B_i A_i

@@ -13,10 +13,11 @@ A study file (TOML or YAML) holds:
 Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
 read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
 ``read_back`` reads a study's finished runs from their files alone, so its tables can be recomputed from them.
+``fedmomentum compare`` is a one-seed study of a cell per method (``of_methods``), its runs in ``OUT/<method>``.
 """
 
-from .runner import RunResult, claim, execute, release, run_folder, state
-from .spec import Cell, Study, StudyError, load
+from .runner import RunResult, claim, execute, flat_folder, release, run_folder, state
+from .spec import Cell, Study, StudyError, load, of_methods
 from .summary import (
     Band,
     CellSummary,
@@ -31,5 +32,5 @@ from .summary import (
 )
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "detectable_difference", "execute", "interval", "load", "read_back", "release", "run_folder", "run_metrics",
-           "state", "summarize", "write"]
+           "detectable_difference", "execute", "flat_folder", "interval", "load", "of_methods", "read_back",
+           "release", "run_folder", "run_metrics", "state", "summarize", "write"]
