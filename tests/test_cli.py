@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fedmomentum import checkpoint, driver
 from fedmomentum import config as config_io
+from fedmomentum import methods as method_registry
 from fedmomentum.cli import app
 
 runner = CliRunner()
@@ -52,7 +53,7 @@ def model_dir(tmp_path_factory, tiny_model):
 # --- help ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["study"], ["methods"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["study"], ["methods"], ["keys"]])
 def test_every_command_has_plain_help(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -66,12 +67,205 @@ def test_run_help_documents_the_tiny_model_and_overwrite():
     assert "'tiny'" in output and "--overwrite" in output and "--resume" in output
 
 
-def test_methods_lists_every_method():
+def test_methods_lists_every_option_with_its_type_default_and_meaning():
     result = invoke("methods")
-    assert result.exit_code == 0
-    for name in ("fedit", "ffa-lora", "rolora", "flora", "fedex-lora", "flexlora", "fedmomentum"):
-        assert name in result.output
-    assert "residual_energy" in result.output
+    assert result.exit_code == 0, result.output
+    for name in method_registry.names():
+        assert f"{name}: " in result.output
+        for option in method_registry.describe(name).values():
+            line = f"  {option.name} ({option.type_text}; default {option.default_text}): {option.meaning}"
+            assert line in result.output.splitlines(), line
+            assert option.meaning  # every option says what it is
+    assert '  residual_energy (float, in (0, 1]; default 1.0): ' in result.output
+    assert '  split ("balanced" | "left"; default "balanced"): ' in result.output
+    assert invoke("methods", "frlora").output.startswith("frlora: ")
+    one_line_error(invoke("methods", "fedmomentm"), "did you mean 'fedmomentum'?")
+
+
+def test_keys_lists_every_config_key_with_its_type_default_and_meaning():
+    result = invoke("keys")
+    assert result.exit_code == 0, result.output
+    listed = [line.split(" (", 1)[0].strip() for line in result.output.splitlines()]
+    assert sorted(listed) == sorted(config_io.FIELDS)  # every key, once
+    for spec in config_io.describe().values():
+        assert spec.meaning, spec.name
+    assert "  lr (float, > 0; default 0.001): " in result.output
+    assert '  partition ("iid" | "dirichlet" | "family"; default "dirichlet"): ' in result.output
+    assert "may change on resume" in invoke("keys", "rounds").output
+    assert "may change on resume" not in invoke("keys", "lr").output
+    one_line_error(invoke("keys", "learning_rate"), "did you mean 'lr'?")
+
+
+# Whatever the command, these must answer without torch, transformers or peft: they are what a user types first.
+QUICK = {
+    "help": ["--help"],
+    "run help": ["run", "--help"],
+    "methods": ["methods"],
+    "keys": ["keys"],
+    "a bad value": ["run", "--set", "lr=abc"],
+    "an unknown key": ["run", "--set", "learning_rate=1"],
+    "an unknown method": ["run", "--method", "fedmomentm"],
+    "a run's plan": ["run", "--dry-run", "--model", "tiny", "--set", "families=gcd", "--set", "train_per_family=4"],
+    "compare's plan": ["compare", "--dry-run", "--methods", "fedit,fedmomentum", "--model", "tiny",
+                       "--set", "families=gcd", "--set", "train_per_family=4"],
+}
+HEAVY = ("torch", "transformers", "peft")
+
+
+def _modules_after(args, cwd, extra_env=None):
+    """Run the command in a fresh interpreter; its exit status, stderr and which heavy modules it had imported."""
+    import subprocess
+    import sys
+
+    code = (f"import atexit, sys; atexit.register(lambda: print('LOADED', [m for m in {HEAVY!r} if m in sys.modules], "
+            f"file=sys.stderr)); sys.argv = ['fedmomentum', *{list(args)!r}]; from fedmomentum.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, **(extra_env or {})})
+    loaded = [line for line in done.stderr.splitlines() if line.startswith("LOADED ")]
+    return done.returncode, done.stdout, done.stderr, loaded[-1] if loaded else None
+
+
+@pytest.mark.parametrize("what", list(QUICK))
+def test_quick_answers_do_not_import_torch(what, tmp_path):
+    code, _, stderr, loaded = _modules_after(QUICK[what], tmp_path)
+    assert code in (0, 2), stderr
+    assert loaded == "LOADED []", stderr
+
+
+def test_a_study_plan_does_not_import_torch(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[base]\nmodel = "tiny"\nfamilies = ["gcd"]\ntrain_per_family = 4\n'
+                     '[grid]\nmethod = ["fedit", "fedmomentum"]\nseed = [0, 1]\n')
+    code, stdout, stderr, loaded = _modules_after(["study", "--config", str(study), "--dry-run"], tmp_path)
+    assert code == 0 and loaded == "LOADED []", stderr
+    assert "2 cells × 2 seeds = 4 runs" in stdout and "seed 1: " in stdout and "would start" in stdout
+    assert not (tmp_path / "runs").exists()
+
+
+# --- --dry-run ---------------------------------------------------------------------------------------------------
+
+
+def _dry_run(*args):
+    result = invoke(*args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    end = text.index("\n}\n") + 2
+    return json.loads(text[:end]), text[end:].strip().splitlines()
+
+
+def test_dry_run_prints_the_config_and_the_plan_without_training(tmp_path):
+    out = tmp_path / "run"
+    config, plan = _dry_run("run", *SMALL, "--rounds", "2", "--out", out)
+    assert config["rounds"] == 2 and config["families"] == ["basic_arithmetic"] and config["out"] == str(out)
+    assert not out.exists()  # nothing written
+    rows = dict(line.split(None, 1) for line in plan)
+    assert rows["rounds"].startswith("2, 2 of 2 clients a round")
+    assert rows["examples"].startswith("4 training (dirichlet): client-0 ")  # train_per_family=4, one family
+    assert rows["held"].startswith("out    2: basic_arithmetic 2")
+
+    # the bytes it announces are the run's own
+    result = invoke("run", *SMALL, "--rounds", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    up = metrics[0]["uplink_bytes"] / 1e6
+    assert f"uplink {up:.2f} MB" in rows["per"]
+    bound = float(rows["per"].split("downlink ≤ ")[1].split(" MB")[0])
+    assert all(row["downlink_bytes"] / 1e6 <= bound + 0.005 for row in metrics)
+
+
+def test_dry_run_of_a_resume_shows_the_resumed_config_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    before = contents(out)
+    config, plan = _dry_run("run", "--resume", out, "--rounds", "3")
+    assert config["rounds"] == 3 and config["out"] == str(out) and plan[-1] == f"out         {out}"
+    assert contents(out) == before
+
+
+# --- what a run says at its end, and when it is stopped ---------------------------------------------------------
+
+
+def test_a_run_ends_saying_where_everything_is_and_how_to_load_it(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("run", *SMALL, "--out", out, "--method", "flora", "--export-merged")
+    assert result.exit_code == 0, result.output
+    assert "{\n" not in result.output  # no JSON dump
+    lines = result.output.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("done: 1 rounds of flora"))
+    tail = "\n".join(lines[start:])
+    for name in ("summary.json", "metrics.jsonl", "curves.png", "adapter", "base", "merged",
+                 "adapter_for_original_base"):
+        assert str(out / name) in tail and (out / name).exists(), name
+    code = [line[9:] for line in lines[start:] if line.startswith(("load it  ", "         model ="))]
+    assert len(code) == 2 and code[1].startswith("model = ")
+    scope: dict = {}
+    exec("\n".join(code), scope)  # the printed lines load the result
+    from peft import PeftModel
+
+    assert isinstance(scope["model"], PeftModel)
+
+
+def test_a_run_on_an_unchanged_backbone_loads_from_the_tiny_model(tmp_path):
+    result = invoke("run", *SMALL, "--out", tmp_path / "run", "--method", "fedit")
+    assert result.exit_code == 0, result.output
+    code = [line[9:] for line in result.output.splitlines() if line.startswith(("load it  ", "         model ="))]
+    assert "tiny_model(0)[0]" in code[1]
+    scope: dict = {}
+    exec("\n".join(code), scope)
+    assert scope["model"].active_adapter == "default"
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, monkeypatch):
+    """A job scheduler's SIGTERM in round 2: exit status 143, the checkpoint of round 1 intact, the line says how to
+    continue, and the continued run finishes."""
+    import signal
+
+    out = tmp_path / "run"
+    evaluate, calls = driver.evaluate, []
+
+    def terminated_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # round 0 (before training), round 1, then round 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "evaluate", terminated_in_round_2)
+        result = invoke("run", *SMALL, "--rounds", "3", "--out", out)
+    assert result.exit_code == 143 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (f"interrupted by SIGTERM; continue with "
+                                                      f"`fedmomentum run --resume {out}`")
+    assert checkpoint.load(out / driver.CHECKPOINT)[0].rounds_done == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
+    result = invoke("run", "--resume", out)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_installed_command(tmp_path):
+    """The real thing: SIGTERM sent to a running ``fedmomentum run`` process once it has a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    script = shutil.which("fedmomentum", path=os.path.dirname(sys.executable))
+    process = subprocess.Popen([script, "run", *SMALL, "--rounds", "200", "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / driver.CHECKPOINT).is_file() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted by SIGTERM; continue with `fedmomentum run --resume {out}`"
+    assert checkpoint.load(out / driver.CHECKPOINT).round >= 1
 
 
 # --- typed config --------------------------------------------------------------------------------------------
@@ -92,6 +286,53 @@ def test_values_from_files_and_flags_get_their_types(tmp_path):
     assert saved["method_options"] == {"merge_residual": False, "residual_energy": 0.99, "merge_every": 2}
 
 
+@pytest.mark.parametrize("plain, quoted", [
+    ("client_data=examples/data/clients", 'client_data="examples/data/clients"'),
+    ("client_data=examples/data/clients", "client_data='examples/data/clients'"),
+    ("model=tiny", 'model="tiny"'),
+    ("families=gcd", 'families=["gcd"]'),
+    ("families=gcd,lcm", "families=[gcd, lcm]"),
+    ("lr=5e-4", 'lr="5e-4"'),
+    ("rslora=true", 'rslora="true"'),
+    ("data_format=chat", 'data_format="chat"'),
+    ("method_options={split: left}", "method_options={split = 'left'}"),
+])
+def test_set_reads_a_value_the_same_way_whatever_its_type(plain, quoted, tmp_path, monkeypatch):
+    """--set and -o read a value as TOML when it is a TOML value (a quoted string is that string), else as text."""
+    from fedmomentum.cli import _overrides
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "data" / "clients").mkdir(parents=True)
+    for name in ("ann", "bob"):
+        (tmp_path / "examples" / "data" / "clients" / f"{name}.jsonl").write_text('{"prompt": "1+1", "response": "2"}\n'
+                                                                                 * 3)
+    expected = config_io.from_dict(_overrides([plain], None))
+    assert config_io.from_dict(_overrides([quoted], None)) == expected
+    assert expected != config_io.RunConfig()
+
+
+def test_method_options_read_the_same_way():
+    from fedmomentum.cli import _overrides
+
+    plain = config_io.from_dict(_overrides(None, ["split=left", "residual_energy=0.99", "merge_residual=false"]))
+    quoted = config_io.from_dict(_overrides(None, ['split="left"', "residual_energy='0.99'", 'merge_residual="no"']))
+    assert plain.method_options == quoted.method_options == {"split": "left", "residual_energy": 0.99,
+                                                             "merge_residual": False}
+
+
+def test_a_quoted_client_data_folder_runs(tmp_path):
+    """The issue's case: --set 'client_data="folder"' kept the quotes and failed with `folder not found`."""
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    for name in ("ann", "bob"):
+        (folder / f"{name}.jsonl").write_text('{"prompt": "1+1", "response": "2"}\n' * 3)
+    config, plan = _dry_run("run", "--model", "tiny", "--set", "families=[]", "--set", f'client_data="{folder}"')
+    assert config["client_data"] == str(folder) and config["clients"] == 2
+    rows = dict(line.split(None, 1) for line in plan)
+    assert rows["examples"] == "4 training (dirichlet): ann 2, bob 2"  # one of each file's 3 is held out
+    assert rows["held"] == "out    2: ann 1, bob 1"
+
+
 def test_toml_strings_are_converted(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('clients = "3"\nlr = "1e-3"\nbf16 = "no"\ntarget_modules = "q_proj, v_proj"\n'
@@ -104,20 +345,27 @@ def test_toml_strings_are_converted(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--set", "rounds=abc"], ["rounds", "'abc'", "an integer"]),
-    (["--set", "rounds=2.5"], ["rounds", "'2.5'", "an integer"]),
+    (["--set", "rounds=2.5"], ["rounds = 2.5", "an integer"]),
     (["--set", "lr=fast"], ["lr", "'fast'", "a finite number"]),
-    (["--set", "lr=nan"], ["lr", "'nan'", "a finite number"]),
+    (["--set", "lr=nan"], ["lr = nan", "a finite number"]),
     (["--set", "rslora=perhaps"], ["rslora", "'perhaps'", "true or false"]),
     (["--set", "method_options=[1, 2]"], ["method_options", "a mapping"]),
     (["-o", "residual_energy=abc"], ["residual_energy", "'abc'", "a finite number"]),
     (["-o", "merge_residual=maybe"], ["merge_residual", "'maybe'", "true or false"]),
-    (["-o", "merge_every=1.5"], ["merge_every", "'1.5'", "an integer"]),
+    (["-o", "merge_every=1.5"], ["merge_every = 1.5", "an integer"]),
+    (["-o", "split=lft"], ["split = 'lft'", "one of 'balanced', 'left'", "did you mean 'left'?"]),
+    (["-o", "residual_energy=0"], ["fedmomentum option residual_energy must be in (0, 1], got 0"]),
     (["--rounds", "abc"], ["--rounds", "'abc'", "integer"]),
     (["--bogus"], ["--bogus"]),
     (["--set", "lr"], ["--set expects key=value"]),
-    (["--method", "fedavg"], ["unknown method 'fedavg'"]),
-    (["-o", "residual_energi=0.9"], ["unknown option(s) residual_energi"]),
+    (["--method", "fedavg"], ["unknown method 'fedavg' (did you mean 'fedit'?)"]),
+    (["--method", "fedmomentm"], ["unknown method 'fedmomentm' (did you mean 'fedmomentum'?)"]),
+    (["-o", "residual_energi=0.9"], ["unknown option(s) residual_energi (did you mean residual_energy?)"]),
+    (["-o", "tau=0.9"], ["tau (did you mean residual_energy?)"]),
     (["--set", "local_step=3"], ["'local_step' (did you mean 'local_steps'?)"]),
+    (["--set", "learning_rate=1e-3"], ["'learning_rate' (did you mean 'lr'?)"]),
+    (["--set", "num_rounds=3"], ["'num_rounds' (did you mean 'rounds'?)"]),
+    (["--set", "partition=iiid"], ["partition = 'iiid'", "did you mean 'iid'?"]),
     (["--clients", "2", "--clients-per-round", "5"], ["clients_per_round"]),
     (["--set", "eval_per_family=0"], ["eval_per_family"]),
     (["--set", "lr=-1"], ["lr must be > 0"]),

@@ -274,7 +274,7 @@ def test_client_data_errors(tmp_path):
 
 @pytest.mark.parametrize("changes, says", [
     (dict(families=[]), "give at least one task family, data file or client_data folder"),
-    (dict(data_format="csv"), "data_format must be empty"),
+    (dict(data_format="csv"), "data_format = 'csv': expected one of '', 'alpaca', 'chat', 'prompt-response'"),
     (dict(eval_fraction=1.0), "eval_fraction must be in"),
     (dict(data="x.jsonl"), r"data.* a list"),  # the type check: "config key data = ...: expected a list of strings"
 ])

@@ -177,3 +177,13 @@ def test_numerical_rank():
     assert linalg.numerical_rank(torch.tensor([3.0, 1.0, 1e-9, 0.0]), (10, 10)) == 2
     assert linalg.numerical_rank(torch.zeros(3), (4, 4)) == 0
     assert linalg.numerical_rank(torch.tensor([]), (4, 4)) == 0
+
+
+def test_energy_rank_against_a_total_beyond_the_given_values():
+    """A sketch's leading values only: the energy is measured against the whole ``Σ σ²``, and ``r_eff ≤ len(S)``."""
+    S = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    whole = float((S ** 2).sum()) + 1.0  # a tail of energy 1 that S does not show
+    assert linalg.energy_rank(S, 1, 0.9) == 2  # 20 / 21.25 ≥ 0.9 of the values given
+    assert linalg.energy_rank(S, 1, 0.9, total=whole) == 3  # 20 / 22.25 < 0.9 ≤ 21 / 22.25 of the whole
+    assert linalg.energy_rank(S, 1, 0.99, total=whole) == 4  # never beyond the values given
+    assert linalg.energy_rank(S, 1, 0.9, total=1.0) == 2  # a total below the values' own is theirs

@@ -156,7 +156,7 @@ def test_dtype_bfloat16_runs_on_cpu_and_tracks_the_float32_run(small_config, tmp
         assert abs(a - b) < 0.02 * a, (fp32, bf16)
 
 
-@pytest.mark.parametrize("key, value, message", [("dtype", "fp8", "dtype must be"),
+@pytest.mark.parametrize("key, value, message", [("dtype", "fp8", "dtype = 'fp8': expected one of 'auto'"),
                                                  ("eval_batch_size", 0, "eval_batch_size must be")])
 def test_bad_dtype_or_eval_batch_size_is_a_clear_config_error(key, value, message):
     from fedmomentum.config import from_dict

@@ -91,6 +91,13 @@ def test_resume_after_a_crash_gives_the_uninterrupted_numbers(tmp_path, tiny_mod
         assert torch.equal(resumed.backbone[name], full.backbone[name])
     assert [r["eval_loss"] for r in read_metrics(tmp_path / "crashed")] == [
         r["eval_loss"] for r in read_metrics(tmp_path / "full")]
+    # the momentum measures' state resumed too (float64 sums may round differently across processes: a few ulps)
+    for resumed_row, full_row in zip(read_metrics(tmp_path / "crashed"), read_metrics(tmp_path / "full"), strict=True):
+        for key in ("update_alignment", "path_efficiency", "subspace_overlap", "noise_share"):
+            expected = full_row.get(key)
+            assert resumed_row.get(key) == (expected if expected is None else
+                                            pytest.approx(expected, rel=1e3 * torch.finfo(torch.float64).eps))
+    assert read_metrics(tmp_path / "full")[3]["update_alignment"] is not None
 
 
 def test_exports_reproduce_the_final_logits(tmp_path, tiny_model, small_config):

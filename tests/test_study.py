@@ -9,11 +9,12 @@ import math
 import os
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from fedmomentum import checkpoint, driver, report
+from fedmomentum import checkpoint, driver
 from fedmomentum import study as study_io
 from fedmomentum.cli import app
 
@@ -117,6 +118,48 @@ def test_study_file_errors_name_the_file_and_the_key(tmp_path, text, message):
 def test_missing_study_file_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["study", "--config", str(tmp_path / "none.toml")])
     assert result.exit_code == 2 and "config file not found" in result.output
+
+
+T_975 = {1: 12.706204736174698, 2: 4.302652729911275, 4: 2.7764451051977987, 9: 2.2621571627409915}  # a t table
+
+
+def power_by_integration(noncentrality: float, df: int, critical: float) -> float:
+    """``P(|T| > c)`` for ``T = (Z + λ) / √(V/df)``, ``V ~ χ²_df``, by integrating the normal tails over ``u = √V``
+    (chi density): no noncentral t distribution involved."""
+    from scipy import integrate
+
+    def tails(u: float) -> float:
+        edge = critical * u / math.sqrt(df)
+        density = math.exp((df - 1) * math.log(u) - u * u / 2 - (df / 2 - 1) * math.log(2) - math.lgamma(df / 2)) \
+            if u > 0 else (1.0 if df == 1 else 0.0) * math.sqrt(2 / math.pi)
+        return (statistics.NormalDist().cdf(noncentrality - edge) + statistics.NormalDist().cdf(
+            -noncentrality - edge)) * density
+
+    return integrate.quad(tails, 0, math.inf, epsabs=1e-13, epsrel=1e-12, limit=200)[0]
+
+
+def detectable_by_integration(std: float, n: int) -> float:
+    low, high = 0.0, 100.0
+    for _ in range(100):  # bisection on λ: the power rises with it
+        middle = (low + high) / 2
+        low, high = (middle, high) if power_by_integration(middle, n - 1, T_975[n - 1]) < 0.8 else (low, middle)
+    return (low + high) / 2 * std / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_detectable_difference_is_that_of_a_paired_t_test_at_80_percent_power(n):
+    assert power_by_integration(0.0, n - 1, T_975[n - 1]) == pytest.approx(0.05, abs=1e-9)  # the reference's check
+    assert study_io.detectable_difference(0.3, n) == pytest.approx(detectable_by_integration(0.3, n), rel=1e-7)
+    assert study_io.detectable_difference(0.6, n) == pytest.approx(2 * study_io.detectable_difference(0.3, n))
+
+
+def test_detectable_difference_edges_and_the_large_sample_formula():
+    z = statistics.NormalDist().inv_cdf  # many seeds: the normal formula (z_{1−α/2} + z_{power}) σ / √n
+    assert study_io.detectable_difference(1.0, 4000) == pytest.approx((z(0.975) + z(0.8)) / math.sqrt(4000),
+                                                                      rel=1e-3)
+    assert study_io.detectable_difference(1.0, 1) is None and study_io.detectable_difference(0.0, 3) == 0.0
+    assert study_io.interval([1.0, 2.0, 4.0]).detectable == study_io.detectable_difference(
+        statistics.stdev([1.0, 2.0, 4.0]), 3)
 
 
 def test_interval_is_a_t_interval():
@@ -288,5 +331,103 @@ def test_a_run_another_live_process_holds_is_skipped(tmp_path):
     assert not study_io.claim(busy) and study_io.claim(free)
     study_io.release(free)
     summaries = study_io.summarize(study, results)
-    assert "Not finished yet (running in another process): default seed 0." in report.study_markdown(
+    assert "Not finished yet (still running, or stopped part way): default seed 0." in study_io.tables.study_markdown(
         study, summaries, [])
+
+
+# --- committed studies: study.md recomputed from the runs' files ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "study-tiny"  # made by tests/momentum_helpers.py (see its study.toml)
+
+
+def committed_studies() -> list[Path]:
+    """Every ``docs/results/<study>/`` that holds its runs' files, and the tiny fixture study."""
+    results = ROOT / "docs" / "results"
+    return sorted(p for p in results.iterdir() if any(p.glob("runs/*/seed-*/summary.json"))) + [FIXTURE]
+
+
+def spec_of(folder: Path) -> Path:
+    """The study file: the folder's own ``study.toml``, else ``examples/studies/<study>.toml``."""
+    own = folder / "study.toml"
+    return own if own.is_file() else ROOT / "examples" / "studies" / f"{folder.name}.toml"
+
+
+def read_csv(path: Path) -> list[dict]:
+    def value(text: str):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(path.open(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("folder", committed_studies(), ids=lambda p: p.name)
+def test_a_committed_study_is_recomputed_from_its_runs_files(folder, tmp_path):
+    study = study_io.load(spec_of(folder))
+    results = study_io.read_back(study, folder)
+    assert len(results) == len(study.cells) * len(study.seeds)  # every run's files are there
+    study_io.write(study, results, tmp_path, draw=any(folder.glob("*.png")))
+    assert (tmp_path / "study.md").read_text(encoding="utf-8") == (folder / "study.md").read_text(encoding="utf-8")
+    for name in ("study.csv", "runs.csv"):  # full-precision numbers: equal up to the last digits of scipy's t and nct
+        assert read_csv(tmp_path / name) == [{k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v
+                                              for k, v in row.items()} for row in read_csv(folder / name)]
+
+
+def test_the_fixture_studys_numbers_are_what_its_runs_files_say():
+    """The fixture's tables against numbers computed here from its metrics.jsonl lines alone."""
+    study = study_io.load(FIXTURE / "study.toml")
+    lines = {(cell.label, seed): [json.loads(x) for x in (study_io.run_folder(FIXTURE, cell, seed) / "metrics.jsonl")
+                                  .read_text().splitlines()] for cell in study.cells for seed in study.seeds}
+    table = {row["cell"]: row for row in read_csv(FIXTURE / "study.csv")}
+    text = (FIXTURE / "study.md").read_text(encoding="utf-8")
+
+    def per_seed(label, number):
+        return [number(lines[(label, seed)]) for seed in study.seeds]
+
+    def mean_loss(rows):
+        return statistics.mean(r["eval_loss"] for r in rows if r["round"] > 0 and "eval_loss" in r)
+
+    def mean_of(key):
+        return lambda rows: statistics.mean(r[key] for r in rows if r.get(key) is not None)
+
+    for label in ("fedit", "fedmomentum"):
+        assert table[label]["mean_eval_loss_mean"] == pytest.approx(statistics.mean(per_seed(label, mean_loss)))
+        for key in ("update_alignment", "subspace_overlap", "noise_share"):
+            assert table[label][f"mean_{key}_mean"] == pytest.approx(statistics.mean(per_seed(label, mean_of(key))))
+        assert table[label]["final_path_efficiency_mean"] == pytest.approx(statistics.mean(
+            per_seed(label, lambda rows: rows[-1]["path_efficiency"])))
+        reached = [rows for rows in per_seed(label, lambda rows: rows) if any(
+            r.get("eval_loss", math.inf) <= study.target_loss for r in rows)]
+        assert 0 < len(reached) < len(study.seeds)  # the fixture's target is reached by some seeds only
+        sent = [sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rows[1: next(
+            i for i, r in enumerate(rows) if r.get("eval_loss", math.inf) <= study.target_loss) + 1])
+            for rows in reached]
+        assert table[label]["bytes_to_target_mean"] == pytest.approx(statistics.mean(sent))
+    diffs = [a - b for a, b in zip(per_seed("fedmomentum", mean_loss), per_seed("fedit", mean_loss), strict=True)]
+    detectable = detectable_by_integration(statistics.stdev(diffs), len(diffs))
+    assert table["fedmomentum"]["delta_mean_eval_loss_detectable80"] == pytest.approx(detectable, rel=1e-7)
+    assert f"| {statistics.mean(diffs):+.4f} [" in text and f"no clear difference | {detectable:.4f} |" in text
+    assert "## Momentum" in text and "| fedmomentum | " + f"{table['fedmomentum']['mean_update_alignment_mean']:.3f}" \
+        in text
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda summary, rows: ({**summary, "seconds": "slow"}, rows), "summary.json: seconds must be a finite number"),
+    (lambda summary, rows: (summary, [{**rows[0], "eval_loss": float("nan")}] + rows[1:]),
+     "metrics.jsonl: eval_loss must be a finite number or null"),
+    (lambda summary, rows: (summary, rows[:1] + [{k: v for k, v in rows[1].items() if k != "downlink_bytes"}]
+                            + rows[2:]), "a trained round without its uplink or downlink bytes"),
+])
+def test_read_back_checks_the_numbers_it_uses(tmp_path, change, message):
+    folder = tmp_path / "study"
+    shutil.copytree(FIXTURE, folder)
+    study = study_io.load(folder / "study.toml")
+    run = study_io.run_folder(folder, study.cells[1], study.seeds[0])
+    summary, rows = change(json.loads((run / "summary.json").read_text()),
+                           [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()])
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=message):
+        study_io.read_back(study, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -436,7 +437,8 @@ def test_text_options_are_converted_by_their_declared_type():
     fm.methods.create("fedmomentum", **parsed)
     with pytest.raises(ValueError, match=r"fedmomentum option residual_energy = 'abc': expected a finite number"):
         fm.methods.parse_options("fedmomentum", {"residual_energy": "abc"})
-    assert fm.methods.option_types("flexlora") == {"split": str, "svd": str, "weighting": str, "dtype": str,
-                                                   "seed": int, "batched": bool, "server_opt": str,
-                                                   "server_lr": float | None, "server_momentum": float,
-                                                   "server_betas": list[float] | None, "server_eps": float}
+    assert fm.methods.option_types("flexlora") == {
+        "split": Literal["balanced", "left"], "svd": Literal["auto", "factored", "dense", "sketch", "randomized"],
+        "weighting": Literal["examples", "uniform"], "dtype": Literal["float32", "float64"], "seed": int,
+        "batched": bool, "server_opt": Literal["none", "avgm", "adam", "yogi", "adagrad"],
+        "server_lr": float | None, "server_momentum": float, "server_betas": list[float], "server_eps": float}

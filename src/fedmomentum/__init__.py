@@ -1,21 +1,27 @@
-"""fedmomentum: federated LoRA fine-tuning with FedMomentum and its baselines."""
+"""fedmomentum: federated LoRA fine-tuning with FedMomentum and its baselines.
 
-from . import linalg, methods
-from .types import Aggregate, ClientUpdate, LoraPair, LowRank, UpdateError
+The exports are imported on first use, so ``import fedmomentum`` (and the command line's ``--help``, ``methods``
+and config checks) does not import torch; ``fm.LoraPair``, ``fm.linalg`` and the rest load it when touched.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Aggregate", "ClientUpdate", "Engine", "LoraPair", "LowRank", "ServerState", "UpdateError", "linalg",
-           "methods"]
+
+# name → the submodule it comes from (a submodule itself maps to None)
+_EXPORTS = {"Aggregate": "types", "ClientUpdate": "types", "LoraPair": "types", "LowRank": "types",
+            "UpdateError": "types", "Engine": "driver", "ServerState": "state", "linalg": None, "methods": None}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    """``Engine`` and ``ServerState`` on first use (they pull in transformers and PEFT)."""
-    if name == "Engine":
-        from .driver import Engine
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    value = module if _EXPORTS[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
 
-        return Engine
-    if name == "ServerState":
-        from .state import ServerState
 
-        return ServerState
-    raise AttributeError(f"module 'fedmomentum' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -7,8 +7,7 @@ start from the same weights, the same LoRA init and the same examples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from peft import PeftModel
+from typing import TYPE_CHECKING
 
 from . import methods
 from .config import RunConfig
@@ -17,15 +16,15 @@ from .data import (
     by_family,
     client_sources,
     data_sources,
-    encode,
     load_examples,
     load_gsm8k_test,
     make_tasks,
     partition,
     split_held_out,
 )
-from .models import load_model, resolve_dtype
-from .peft_io import add_lora, scaling
+
+if TYPE_CHECKING:  # the model parts import torch when used, so a plan of the data (``client_examples``) does not
+    from peft import PeftModel
 
 
 @dataclass
@@ -47,6 +46,9 @@ class Setup:
 def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
     """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, wrapped with the run's
     seeded LoRA adapter (float32 factors whatever the base's dtype: PEFT upcasts them)."""
+    from .models import load_model, resolve_dtype
+    from .peft_io import add_lora
+
     dtype = resolve_dtype(config.dtype, config.device)
     if model is None:
         model, tokenizer = load_model(config.model, device=config.device, dtype=dtype)
@@ -99,14 +101,21 @@ def client_examples(config: RunConfig) -> tuple[list[list[Example]], dict[str, l
     return parts, by_family(held_out)
 
 
+def client_id(index: int) -> str:
+    """The id of the client at ``index`` (a partition, on Flower) when its data has no name of its own."""
+    return f"client-{index}"
+
+
 def client_ids(config: RunConfig) -> list[str]:
-    """Each client's id: its file's name with ``client_data``, else ``client-<index>``."""
+    """Each client's id: its file's name with ``client_data``, else ``client_id(index)``."""
     if config.client_data:
         return list(client_sources(config.client_data))
-    return [f"client-{index}" for index in range(config.clients)]
+    return [client_id(index) for index in range(config.clients)]
 
 
 def encode_all(examples: list[Example], tokenizer, config: RunConfig) -> list[dict]:
+    from .data import encode
+
     return [encode(e, tokenizer, config.max_length) for e in examples]
 
 
@@ -114,6 +123,8 @@ def prepare(config: RunConfig, model=None, tokenizer=None,
             held_out: dict[str, list[Example]] | None = None) -> Setup:
     """The server's ``Setup``: the PEFT model, the method, and the encoded held-out data (``held_out``, or the
     config's own held-out examples)."""
+    from .peft_io import scaling
+
     config.validate()
     model, tokenizer = peft_model(config, model, tokenizer)
     method = make_method(config)

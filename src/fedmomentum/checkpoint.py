@@ -1,6 +1,6 @@
 """Checkpoints: a ``ServerState`` as one safetensors file (``state.py``): the rounds done, the adapter, the adapted
-layers' backbone, the method's state, what the clients keep between rounds, SCAFFOLD's server variate and the
-backbone's whole change, plus JSON metadata (the config, the seconds spent).
+layers' backbone, the method's state, what the clients keep between rounds, SCAFFOLD's server variate, the
+backbone's whole change and what the momentum measures carry, plus JSON metadata (the config, the seconds spent).
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone_change import BackboneChange
+from .momentum import MomentumState
 from .rundir import write_file
 from .state import ServerState
 from .types import LoraPair, LowRank, StateDict
@@ -39,9 +40,11 @@ def save(path: str | Path, state: ServerState, info: dict) -> None:
     for name, delta in (state.change.deltas if state.change is not None else {}).items():
         tensors[f"change.L.{name}"] = delta.left
         tensors[f"change.R.{name}"] = delta.right
-    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    tensors.update({f"momentum.{key}": value for key, value in state.momentum.tensors().items()})
+    tensors = _own_storage({key: value.detach().cpu().contiguous() for key, value in tensors.items()})
     metadata = {"round": str(state.rounds_done), "info": json.dumps(info), "format": FORMAT,
-                "clients": json.dumps(list(state.clients)), "change": str(state.change is not None)}
+                "clients": json.dumps(list(state.clients)), "change": str(state.change is not None),
+                "momentum": json.dumps(state.momentum.info())}
     write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -60,6 +63,7 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         rounds, info = int(metadata["round"]), json.loads(metadata["info"])
         ids = json.loads(metadata.get("clients", "[]"))
         tracked = metadata.get("change") == "True"
+        momentum_info = json.loads(metadata.get("momentum", "null"))
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError("the client ids are not a list of names")
         if rounds < 0 or not isinstance(info, dict):
@@ -78,6 +82,12 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
                                   for n in _names(tensors, "change.L.")}) if tracked else None)
     except KeyError as missing:
         raise ValueError(f"corrupt checkpoint {path}: missing tensor {missing}") from None
+    momentum_tensors = {key: tensors[f"momentum.{key}"] for key in _names(tensors, "momentum.")}
+    try:  # a checkpoint written before momentum was measured starts the measures afresh
+        momentum = (MomentumState.restore(momentum_tensors, momentum_info) if momentum_info is not None
+                    else MomentumState())
+    except ValueError as error:
+        raise ValueError(f"corrupt checkpoint {path}: {error}") from None
     clients: dict[str, StateDict] = {}
     for key in _names(tensors, "client."):
         index, slot, name = (key.split(".", 2) + ["", ""])[:3]
@@ -92,8 +102,21 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         clients=clients,
         backbone={k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
         change=change,
+        momentum=momentum,
     )
     return state, info
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor in storage of its own (safetensors refuses tensors that share memory, such as a round's change
+    that is also the whole change so far): a copy of any tensor whose storage an earlier one uses."""
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen:
+            tensors[key] = value.clone()
+        seen.add(storage)
+    return tensors
 
 
 def _flatten(prefix: str, state: StateDict) -> dict[str, torch.Tensor]:

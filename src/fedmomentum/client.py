@@ -10,30 +10,15 @@ import contextlib
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 
 from . import corrections
+from .config import TrainConfig  # what each client does in a round
 from .data.formatting import IGNORE_INDEX, collate
 from .peft_io import ADAPTER, active_adapter, get_lora, lora_layers, rank_adapter, scaling, set_lora, set_trainable
 from .types import ClientUpdate, LoraPair, StateDict, Tensor
-
-
-@dataclass
-class TrainConfig:
-    """What each client does in a round."""
-
-    local_steps: int = 4
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    prox_mu: float = 0.0  # FedProx: μ of the proximal term μ/2 ‖w − w₀‖² on the trained factors (0: none)
-    scaffold: bool = False  # SCAFFOLD: control variates on the trained factors
 
 
 def batches(num_examples: int, cfg: TrainConfig, generator: torch.Generator):

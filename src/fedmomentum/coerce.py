@@ -1,15 +1,21 @@
 """Values from files and the command line, converted to the type their key declares, or refused in one line.
 
 YAML 1.1 reads ``5e-4`` as a string, TOML keeps ``clients = "2"`` a string, and ``--set`` gives text: ``convert``
-turns such values into the declared ``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``dict`` (or ``X | None``)
-where that is unambiguous and raises a ``ValueError`` naming the key, the value and the expected type otherwise.
-``check`` is the strict twin for values given in Python: no text is parsed, only the type is checked.
+turns such values into the declared ``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``dict``, ``Literal[...]``
+(or ``X | None``) where that is unambiguous and raises a ``ValueError`` naming the key, the value and the expected
+type otherwise. ``check`` is the strict twin for values given in Python: no text is parsed, only the type is checked.
+``read_text`` reads a command-line value the one way for every key: as a TOML value when it is one (``5e-4``,
+``true``, ``"a string"``, ``["a", "b"]``), else as the bare text.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import json
 import math
 import numbers
+import tomllib
 import types
 import typing
 
@@ -34,7 +40,42 @@ def _base(kind) -> object:
 
 
 def _refuse(what: str, value, kind) -> ValueError:
+    if _base(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
+        return ValueError(f"{what} = {value!r}: expected one of {', '.join(map(repr, choices))}{hint}")
     return ValueError(f"{what} = {value!r}: expected {EXPECTED.get(_base(kind), getattr(kind, '__name__', kind))}")
+
+
+def describe(kind) -> str:
+    """A declared type in words, for listings: ``int``, ``float``, ``list of str``, ``'balanced' | 'left'``,
+    ``str or none``."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        args = typing.get_args(kind)
+        words = [describe(arg) for arg in args if arg is not type(None)]
+        return " or ".join(words + (["none"] if type(None) in args else []))
+    base = _base(kind)
+    if base is typing.Literal:
+        return " | ".join(json.dumps(choice) for choice in typing.get_args(kind))
+    if base is list:
+        item = typing.get_args(kind)
+        return f"list of {describe(item[0])}" if item else "list"
+    if base is dict:
+        return "table"
+    return getattr(base, "__name__", str(base))
+
+
+def read_text(text: str):
+    """A command-line value (``--set key=TEXT``): the TOML value ``TEXT`` is (a number, ``true``, a quoted string, a
+    list, an inline table), else ``TEXT`` itself. A TOML date stays text."""
+    if "\n" in text:
+        return text
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return text if isinstance(value, datetime.date | datetime.time) else value
 
 
 def convert(value, kind, what: str):
@@ -44,6 +85,15 @@ def convert(value, kind, what: str):
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in NONE):
         if optional:
             return None
+        raise _refuse(what, value, kind)
+    if base is typing.Literal:
+        for choice in typing.get_args(kind):
+            try:
+                candidate = convert(value, type(choice), what)
+            except ValueError:
+                continue
+            if candidate == choice:
+                return choice
         raise _refuse(what, value, kind)
     if base is bool:
         if isinstance(value, bool):
@@ -93,6 +143,8 @@ def check(value, kind, what: str) -> None:
     base = _base(kind)
     if value is None:
         ok = optional
+    elif base is typing.Literal:
+        ok = any(value == choice and type(value) is type(choice) for choice in typing.get_args(kind))
     elif base is bool:
         ok = isinstance(value, bool)
     elif base is int:

@@ -1,7 +1,9 @@
 """One run's configuration: a dataclass, read from TOML/YAML, overridden from the command line.
 
-Every value from a file or the command line is converted to its field's type (``coerce``) or refused in one line
-naming the key; ``validate`` checks ranges and that the values a Python caller gave have the right types.
+Each key is declared once (``keys.key``): its type (allowed values as ``Literal``), default, meaning and range, which
+``fedmomentum keys`` lists. Every value from a file or the command line is converted to its key's type (``coerce``)
+or refused in one line naming the key; ``validate`` checks types, ranges and the keys that depend on each other.
+Nothing here imports torch, unless the config asks for a CUDA device or per-client ranks.
 """
 
 from __future__ import annotations
@@ -10,89 +12,134 @@ import dataclasses
 import json
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from .client import TrainConfig
-from .coerce import check, convert
-from .data import FORMATS, client_sources
+from . import keys
+from .coerce import convert
+from .data.files import client_sources
+from .data.forms import FORMATS
+from .data.partition import SCHEMES
+from .keys import Rule, above, at_least, between, key
+from .methods.option_specs import Weighting
 
 DEFAULT_FAMILIES = ["basic_arithmetic", "chain_sum", "gsm_symbolic", "leg_counting", "gcd"]
 DEFAULT_CLIENTS_PER_ROUND = 4  # or every client, when there are fewer
-# What a resumed run may change: where it is, what it exports, how often and how much it evaluates, its device and
-# how many rounds it runs. Anything else would change the training a checkpoint holds.
-MAY_CHANGE_ON_RESUME = ("out", "rounds", "export_merged", "export_rank", "device", "eval_every", "accuracy_every",
-                        "accuracy_per_family", "gsm8k_eval", "max_new_tokens", "report_to")
+DEFAULT_ACCURACY_PER_FAMILY = 8  # or none with the random tiny model
+
+Partition = Literal[SCHEMES]  # type: ignore[valid-type]
+DataFormat = Literal[("", *FORMATS)]  # type: ignore[valid-type]  # "" = detect per file
+LrSchedule = Literal["constant", "cosine", "linear"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+NOT_EMPTY = Rule("non-empty", bool)
+
+# Other libraries' names for the keys, for the "did you mean" of an unknown one.
+ALIASES = {"learning_rate": "lr", "num_rounds": "rounds", "n_rounds": "rounds", "num_clients": "clients",
+           "n_clients": "clients", "num_partitions": "clients", "fraction_fit": "clients_per_round",
+           "local_epochs": "local_steps", "steps": "local_steps", "max_steps": "local_steps", "rank": "lora_r",
+           "r": "lora_r", "lora_rank": "lora_r", "per_device_train_batch_size": "batch_size", "bs": "batch_size",
+           "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "max_seq_length": "max_length", "max_seq_len": "max_length", "seq_len": "max_length",
+           "model_name": "model", "model_name_or_path": "model", "base_model": "model", "output_dir": "out",
+           "output": "out", "out_dir": "out", "algorithm": "method", "strategy": "method", "aggregation": "method",
+           "dataset": "data", "datasets": "data", "train_file": "data", "train_files": "data", "tasks": "families",
+           "task": "families", "torch_dtype": "dtype", "precision": "dtype", "lr_scheduler_type": "lr_schedule",
+           "lr_scheduler": "lr_schedule", "scheduler": "lr_schedule", "grad_clip": "max_grad_norm",
+           "clip_grad_norm": "max_grad_norm", "lora_target_modules": "target_modules", "use_rslora": "rslora",
+           "dropout": "lora_dropout", "eval_steps": "eval_every", "eval_interval": "eval_every",
+           "dirichlet_alpha": "alpha", "partitioner": "partition", "random_seed": "seed", "options": "method_options",
+           "method_option": "method_options", "report": "report_to", "merged": "export_merged"}
 
 
 @dataclass
-class RunConfig:
-    """Every knob of a federated run. The defaults are the README's main job (≤ 10 min on 2 CPU cores)."""
+class TrainConfig:
+    """What each client does in a round (``RunConfig`` holds these keys too: they are declared here once)."""
+
+    local_steps: int = key(4, "optimizer steps per client per round", at_least(1))
+    batch_size: int = key(4, "examples per micro-batch", at_least(1))
+    grad_accum: int = key(1, "micro-batches per optimizer step", at_least(1))
+    lr: float = key(1e-3, "AdamW learning rate (of the first round; see lr_schedule)", above(0))
+    weight_decay: float = key(0.0, "AdamW weight decay", at_least(0))
+    max_grad_norm: float = key(1.0, "gradient clipping norm (0: none)", at_least(0))
+    bf16: bool = key(False, "bfloat16 autocast of the forward pass (the base's own precision is dtype)")
+    prox_mu: float = key(0.0, "FedProx: μ of the proximal term μ/2 ‖w − w₀‖² on the clients' trained factors "
+                              "(0: none)", at_least(0))
+    scaffold: bool = key(False, "SCAFFOLD: control variates on the clients' trained factors")
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """Every knob of a federated run. The defaults are the README's main job (≤ 10 min on 2 CPU cores).
+
+    ``may_change`` marks the keys that do not change the training a checkpoint holds: a resumed run may change them,
+    and a Flower node's model does not depend on them.
+    """
 
     # what is trained
-    model: str | None = None  # a local HF folder; None = the embedded SmolLM2-135M-Instruct
-    method: str = "fedmomentum"
-    method_options: dict = field(default_factory=dict)
-    weighting: str = "examples"  # or "uniform"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    rslora: bool = False
-    lora_dropout: float = 0.0
-    client_ranks: list[int] | str | None = None  # per-client LoRA ranks: a list, or "cycle:4,8" / "random:4,8"
+    model: str | None = key(None, "base model: a local HF causal-LM folder, a .gguf file, 'tiny' (a small random "
+                                  "Llama), or none for SmolLM2-135M-Instruct")
+    method: str = key("fedmomentum", "aggregation method (fedmomentum methods)")
+    method_options: dict = key({}, "the method's options (fedmomentum methods), e.g. {residual_energy = 0.99}")
+    weighting: Weighting = key("examples", "client weights p_i: by example count, or equal")
+    lora_r: int = key(8, "LoRA rank of the global adapter", at_least(1))
+    lora_alpha: float = key(16.0, "LoRA alpha: scaling α/r (α/√r with rslora)", above(0))
+    target_modules: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter",
+                                    NOT_EMPTY)
+    rslora: bool = key(False, "rank-stabilised scaling α/√r")
+    lora_dropout: float = key(0.0, "dropout on the LoRA branch", between(0, 1, open_high=True))
+    client_ranks: list[int] | str | None = key(None, "per-client LoRA ranks: a list, or 'cycle:4,8' / 'random:4,8' "
+                                                     "(none: every client at lora_r)")
     # federation
-    rounds: int = 10
-    clients: int = 8
-    clients_per_round: int | None = None  # None = min(4, clients)
-    partition: str = "dirichlet"  # iid | dirichlet | family
-    alpha: float = 0.5
+    rounds: int = key(10, "federated rounds", at_least(1), may_change=True)
+    clients: int = key(8, "number of clients (follows client_data when that is set)", at_least(1))
+    clients_per_round: int | None = key(None, "clients sampled per round (none: 4, or every client when fewer)")
+    partition: Partition = key("dirichlet", "how the pooled examples are split across clients")
+    alpha: float = key(0.5, "Dirichlet concentration of the non-IID split (lower: more skewed)", above(0))
     # data
-    families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    jsonl: list[str] = field(default_factory=list)  # read like data (the older key)
-    data: list[str] = field(default_factory=list)  # training files or folders (JSONL, JSON, Parquet, save_to_disk)
-    data_format: str = ""  # "" = detect per file; alpaca | chat | prompt-response
-    client_data: str = ""  # a folder with one file per client (file name = client id); clients follows it
-    train_per_family: int = 200
-    eval_per_family: int = 8
-    eval_fraction: float = 0.1  # held-out share of each data / client_data file (at most eval_per_family)
-    max_length: int = 128
-    # local training
-    local_steps: int = 4
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"  # constant | cosine | linear, over rounds (to 0.1·lr)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    bf16: bool = False  # bfloat16 autocast of the forward pass (the base's own precision is ``dtype``)
-    prox_mu: float = 0.0  # FedProx: μ/2 ‖w − w₀‖² on the clients' trained factors (0 = off)
-    scaffold: bool = False  # SCAFFOLD: control variates on the clients' trained factors
+    families: list[str] = key(DEFAULT_FAMILIES, "reasoning-gym task families (docs/data.md)")
+    jsonl: list[str] = key([], "training files, read like data (the older key)")
+    data: list[str] = key([], "training files or folders: JSONL, JSON, Parquet, save_to_disk (docs/data.md)")
+    data_format: DataFormat = key("", "record form of the data files ('': detected per file)")
+    client_data: str = key("", "a folder with one data file per client (file name = client id)")
+    train_per_family: int = key(200, "training examples generated per task family", at_least(1))
+    eval_per_family: int = key(8, "held-out examples per family (and at most per data file)", at_least(1))
+    eval_fraction: float = key(0.1, "held-out share of each data / client_data file", between(0, 1, open_high=True))
+    max_length: int = key(128, "tokens per training example (longer ones are cut)", at_least(8))
+    # local training: TrainConfig's keys
+    lr_schedule: LrSchedule = key("cosine", "learning rate over rounds: constant, or decay to 0.1·lr")
     # evaluation
-    eval_every: int = 1
-    accuracy_every: int = 0  # 0 = only after the last round
-    accuracy_per_family: int = 8
-    gsm8k_eval: int = 0  # GSM8K test questions scored with accuracy (0 = none)
-    max_new_tokens: int = 32
-    eval_batch_size: int = 16  # held-out examples per forward pass and prompts per generate() call
+    eval_every: int = key(1, "rounds between held-out loss evaluations", at_least(1), may_change=True)
+    accuracy_every: int = key(0, "rounds between exact-match accuracy evaluations (0: after the last round only)",
+                              at_least(0), may_change=True)
+    accuracy_per_family: int | None = key(None, "questions per family scored for accuracy (none: 8, or 0 with the "
+                                                "random 'tiny' model, whose answers mean nothing)", at_least(0),
+                                          may_change=True)
+    gsm8k_eval: int = key(0, "GSM8K test questions scored for accuracy (0: none)", at_least(0), may_change=True)
+    max_new_tokens: int = key(32, "tokens generated per accuracy question", at_least(1), may_change=True)
+    eval_batch_size: int = key(16, "held-out examples per forward pass and prompts per generate() call",
+                               at_least(1), may_change=True)
     # running
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"  # the base model's weights: float32 | bfloat16 | float16; auto = bfloat16 on CUDA, else float32
-    out: str = ""  # "" = runs/<method>
-    export_merged: bool = False
-    export_rank: int = 0  # adapter_for_original_base/: 0 = the change's numerical rank, else at most this
-    report_to: str | list[str] = "none"  # "tensorboard": per-round scalars also as TensorBoard events
+    seed: int = key(0, "seed of data, partition, sampling and initialisation", at_least(0))
+    device: str = key("cpu", "cpu, cuda or cuda:N", may_change=True)
+    dtype: ModelDtype = key("auto", "the base model's weights (auto: bfloat16 on CUDA, float32 on CPU)")
+    out: str = key("", "output folder ('': runs/<method>)", may_change=True)
+    export_merged: bool = key(False, "also save the full model with the adapter merged in (merged/)", may_change=True)
+    export_rank: int = key(0, "rank cap of adapter_for_original_base/ (0: the change's numerical rank)", at_least(0),
+                           may_change=True)
+    report_to: str | list[str] = key("none", "'tensorboard': per-round scalars also as TensorBoard events",
+                                     may_change=True)
 
     def __post_init__(self) -> None:
         if self.clients_per_round is None and isinstance(self.clients, int):
             self.clients_per_round = min(DEFAULT_CLIENTS_PER_ROUND, self.clients)
+        if self.accuracy_per_family is None:
+            self.accuracy_per_family = 0 if self.model == "tiny" else DEFAULT_ACCURACY_PER_FAMILY
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(local_steps=self.local_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           lr=self.lr, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                           bf16=self.bf16, prox_mu=self.prox_mu, scaffold=self.scaffold)
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_KEYS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,54 +149,23 @@ class RunConfig:
         if "clients" in changes and "clients_per_round" not in changes \
                 and self.clients_per_round == min(DEFAULT_CLIENTS_PER_ROUND, self.clients):
             values["clients_per_round"] = None  # it followed clients: it still does
+        if "model" in changes and "accuracy_per_family" not in changes \
+                and self.accuracy_per_family == (0 if self.model == "tiny" else DEFAULT_ACCURACY_PER_FAMILY):
+            values["accuracy_per_family"] = None  # it followed the model: it still does
         return from_dict(values)
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for a value of the wrong type, out of range, or naming no device here."""
-        from . import methods, records, schedule
+        from . import methods, records
 
-        for name, kind in TYPES.items():
-            check(getattr(self, name), kind, f"config key {name}")
-        method = methods.create(self.method, **self.method_options)  # unknown method or option → ValueError
-        method.check_ranks(self.lora_r, schedule.client_ranks(self))
+        keys.check(self, lambda name: f"config key {name}", lambda name: f"bad config: {name}")
+        methods.check_options(self.method, self.method_options)  # unknown method or option → ValueError
         records.check_report_to(self.report_to)
         checks = [
-            (self.rounds >= 1, "rounds must be ≥ 1"),
-            (self.clients >= 1, "clients must be ≥ 1"),
             (1 <= self.clients_per_round <= self.clients, "clients_per_round must be between 1 and clients"),
-            (self.partition in ("iid", "dirichlet", "family"), "partition must be iid, dirichlet or family"),
-            (self.alpha > 0, "alpha (the Dirichlet concentration) must be > 0"),
-            (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
-            (self.local_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
-             "local_steps, batch_size and grad_accum must be ≥ 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be ≥ 0"),
-            (self.prox_mu >= 0, "prox_mu (FedProx's μ) must be ≥ 0"),
-            (not self.scaffold or set(schedule.client_ranks(self)) == {self.lora_r},
-             "scaffold keeps one control variate per factor of the global adapter: every client needs lora_r "
-             "(no client_ranks)"),
-            (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
-            (self.lora_r >= 1, "lora_r must be ≥ 1"),
-            (self.export_rank >= 0, "export_rank must be ≥ 0"),
-            (self.lora_alpha > 0, "lora_alpha must be > 0"),
-            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
-            (self.train_per_family >= 1, "train_per_family must be ≥ 1"),
-            (self.eval_per_family >= 1, "eval_per_family must be ≥ 1 (the held-out loss needs examples)"),
-            (self.max_length >= 8, "max_length must be ≥ 8 tokens"),
-            (self.eval_every >= 1, "eval_every must be ≥ 1"),
-            (min(self.accuracy_every, self.accuracy_per_family, self.gsm8k_eval) >= 0,
-             "accuracy_every, accuracy_per_family and gsm8k_eval must be ≥ 0"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
-            (self.seed >= 0, "seed must be ≥ 0"),
             (self.families or self.jsonl or self.data or self.client_data,
              "give at least one task family, data file or client_data folder"),
             (all(p for p in self.data), "data must be a list of file or folder paths"),
-            (self.data_format in ("", *FORMATS), f"data_format must be empty (detect) or one of {', '.join(FORMATS)}"),
-            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be ≥ 1"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             "dtype must be auto, float32, bfloat16 or float16"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,6 +176,18 @@ class RunConfig:
                 raise ValueError(f"bad config: client_data {self.client_data} holds {count} clients but clients = "
                                  f"{self.clients}; leave clients out (it follows the folder) or make them agree")
         check_device(self.device)
+        if self.client_ranks not in (None, []):  # the method decides which ranks it can mix (imports torch)
+            from . import schedule
+
+            methods.create(self.method, **self.method_options).check_ranks(self.lora_r, schedule.client_ranks(self))
+            if self.scaffold and set(schedule.client_ranks(self)) != {self.lora_r}:
+                raise ValueError("bad config: scaffold keeps one control variate per factor of the global adapter: "
+                                 "every client needs lora_r (no client_ranks)")
+
+
+def default_out(config: RunConfig) -> RunConfig:
+    """``config`` with its output folder, ``runs/<method>`` when none is given."""
+    return config if config.out else config.replace(out=f"runs/{config.method}")
 
 
 def check_device(device: str) -> None:
@@ -181,23 +209,28 @@ def check_device(device: str) -> None:
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 TYPES = typing.get_type_hints(RunConfig)
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# What a resumed run may change: where it is, what it exports, how often and how much it evaluates, its device and
+# how many rounds it runs. Anything else would change the training a checkpoint holds.
+MAY_CHANGE_ON_RESUME = tuple(name for name, f in FIELDS.items() if f.metadata.get("may_change"))
+
+
+def describe() -> dict[str, keys.Declared]:
+    """Every config key with its type, default, meaning and range, by name."""
+    return dict(sorted(keys.declared(RunConfig).items()))
 
 
 def from_dict(values: dict) -> RunConfig:
     """A config from plain values (a file's, or text from the command line), each converted to its field's type;
-    an unknown key is an error naming it and the nearest known key, a value that does not convert one naming the
-    key, the value and the type expected."""
-    import difflib
-
+    an unknown key is an error naming it and the key it probably meant, a value that does not convert one naming
+    the key, the value and the type expected."""
     from . import methods
 
-    unknown = [key for key in values if key not in FIELDS]
+    unknown = [name for name in values if name not in FIELDS]
     if unknown:
-        hints = {key: difflib.get_close_matches(key, FIELDS, n=1) for key in unknown}
-        listed = ", ".join(f"{key!r}" + (f" (did you mean {hints[key][0]!r}?)" if hints[key] else "")
-                           for key in unknown)
-        raise ValueError(f"unknown config key(s): {listed}")
-    typed = {key: convert(value, TYPES[key], f"config key {key}") for key, value in values.items()}
+        raise ValueError(f"unknown config key(s): {keys.unknown(unknown, FIELDS, ALIASES)} "
+                         "(see: fedmomentum keys)")
+    typed = {name: convert(value, TYPES[name], f"config key {name}") for name, value in values.items()}
     if typed.get("client_data") and "clients" not in typed:  # the folder says how many clients there are
         typed["clients"] = len(client_sources(typed["client_data"]))
     method = typed.get("method", FIELDS["method"].default)
@@ -226,11 +259,11 @@ def merge(*layers: dict) -> dict:
     options and ``-o`` flags add up)."""
     merged: dict = {}
     for layer in layers:
-        for key, value in layer.items():
-            if key == "method_options" and "method_options" in merged:
+        for name, value in layer.items():
+            if name == "method_options" and "method_options" in merged:
                 what = "config key method_options"
-                value = {**convert(merged[key], dict, what), **convert(value, dict, what)}
-            merged[key] = value
+                value = {**convert(merged[name], dict, what), **convert(value, dict, what)}
+            merged[name] = value
     return merged
 
 
@@ -242,13 +275,13 @@ def load(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
     return config
 
 
-def differences(old: dict, new: dict, keys=None) -> list[str]:
-    """``key (old → new)`` for each key (of ``keys``, default all) that differs, leaving out what a resume may
+def differences(old: dict, new: dict, names=None) -> list[str]:
+    """``key (old → new)`` for each key (of ``names``, default all) that differs, leaving out what a resume may
     change."""
     missing = object()
-    keys = sorted(set(old) | set(new)) if keys is None else keys
-    return [f"{key} ({_show(old.get(key, missing))} → {_show(new.get(key, missing))})" for key in keys
-            if key not in MAY_CHANGE_ON_RESUME and old.get(key, missing) != new.get(key, missing)]
+    names = sorted(set(old) | set(new)) if names is None else names
+    return [f"{name} ({_show(old.get(name, missing))} → {_show(new.get(name, missing))})" for name in names
+            if name not in MAY_CHANGE_ON_RESUME and old.get(name, missing) != new.get(name, missing)]
 
 
 def resumed(saved: dict, given: dict, out: str) -> RunConfig:
@@ -257,7 +290,7 @@ def resumed(saved: dict, given: dict, out: str) -> RunConfig:
     the run's is one error listing them all."""
     base = from_dict(saved)
     wanted = from_dict({**base.to_dict(), **given})
-    changed = differences(base.to_dict(), wanted.to_dict(), keys=[key for key in given if key != "out"])
+    changed = differences(base.to_dict(), wanted.to_dict(), names=[name for name in given if name != "out"])
     if changed:
         raise ValueError(f"cannot resume {out} with other settings: {', '.join(changed)}; a resumed run may only "
                          f"change {', '.join(k for k in MAY_CHANGE_ON_RESUME if k != 'out')} "

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, corrections, report, rundir
+from . import checkpoint, corrections, plots, report, rundir
 from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .config import MAY_CHANGE_ON_RESUME, differences
 from .evaluate import evaluate
 from .models import DEFAULT_MODEL_ID
+from .momentum import measure
 from .peft_io import (
     ADAPTER,
     BackboneWeights,
@@ -40,7 +41,7 @@ from .schedule import round_lr
 from .state import ServerState
 from .types import Aggregate, ClientUpdate, LoraPair
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = rundir.CHECKPOINT
 FOR_ORIGINAL_BASE = "adapter_for_original_base"
 
 
@@ -153,7 +154,11 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     aggregating = time.perf_counter()
     result = setup.method.aggregate(state.lora, trained.updates, scaling=setup.scaling, t=t, state=state.method)
     aggregation_seconds = time.perf_counter() - aggregating
-    state = advance(setup, state, result, trained.updates, t)
+    measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,
+                                 [u.factors for u in trained.updates], setup.method.client_weights(trained.updates))
+    for name, layer in measured.layers.items():
+        result.stats["layers"][name].update(layer)
+    state = replace(advance(setup, state, result, trained.updates, t), momentum=momentum)
     record = {
         "round": t,
         "method": config.method,
@@ -162,6 +167,7 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
         "train_loss": sum(trained.losses) / len(trained.losses),
         **{k: v for k, v in result.stats.items() if k not in ("layers", "round", "method")},
         "aggregation_seconds": aggregation_seconds,
+        **measured.record(),
         **trained.record,
     }
     if t % config.eval_every == 0 or t == config.rounds:
@@ -225,7 +231,7 @@ def finish(setup: Setup, engine: Engine, state: ServerState, rows: list[dict], s
     config, out = setup.config, Path(setup.config.out)
     summary = report.summarize(rows, config, seconds=seconds, peak_rss_mb=peak_rss_mb())
     engine.finish(summary, rows)
-    rundir.write_file(out / "curves.png", lambda path: report.plot_curves(rows, path, title=config.method))
+    rundir.write_file(out / "curves.png", lambda path: plots.plot_curves(rows, path, title=config.method))
     backbone_changed = any(row.get("residual_rank") for row in rows)
     exported = export(setup, out, state, backbone_changed)
     if exported:

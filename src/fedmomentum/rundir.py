@@ -22,7 +22,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 CONFIG = "config.json"
-RUN_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a run has one of these beside its config
+CHECKPOINT = "checkpoint.safetensors"
+RUN_FILES = (CHECKPOINT, "metrics.jsonl")  # a run has one of these beside its config
 RUN_KEYS = {"method", "rounds", "lora_r", "clients"}  # keys every run's config.json holds
 
 

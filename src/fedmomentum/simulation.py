@@ -12,9 +12,9 @@ import sys
 
 from tqdm.auto import tqdm
 
-from .build import Setup, client_examples, client_ids, encode_all, prepare
+from .build import Setup, client_examples, client_id, client_ids, encode_all, prepare
 from .client import train_round
-from .config import RunConfig
+from .config import RunConfig, default_out
 from .driver import ClientRound, Engine
 from .driver import run as drive
 from .evaluate import mixtures
@@ -30,7 +30,7 @@ class InProcess(Engine):
     def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None,
                  quiet: bool = False):
         self.setup, self.client_data = setup, client_data
-        self.ids = ids or [f"client-{index}" for index in range(len(client_data))]
+        self.ids = ids or [client_id(index) for index in range(len(client_data))]
         self.ranks = client_ranks(setup.config)
         self.quiet = quiet
 
@@ -51,10 +51,6 @@ class InProcess(Engine):
                 updates.append(update)
                 losses.append(loss)
         return ClientRound(updates, losses)
-
-
-def default_out(config: RunConfig) -> RunConfig:
-    return config if config.out else config.replace(out=f"runs/{config.method}")
 
 
 def engine(config: RunConfig, model=None, tokenizer=None, quiet: bool = False) -> tuple[Setup, InProcess]:

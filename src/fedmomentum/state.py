@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .backbone_change import BackboneChange
+from .momentum import MomentumState
 from .types import LoraPair, StateDict, Tensor
 
 
@@ -32,3 +33,4 @@ class ServerState:
     # of low-precision ones; updated in place
     backbone: dict[str, Tensor] = field(default_factory=dict)
     change: BackboneChange | None = None  # the backbone's whole change since the original base (None: not tracked)
+    momentum: MomentumState = field(default_factory=MomentumState)  # what the momentum measures carry (momentum.py)

@@ -94,6 +94,14 @@ class LayerStats(TypedDict, total=False):
     noise_norm: float  # factor averaging (fedit, fedsa-lora, frlora): ‖s(Σ p_i B_i A_i − B'A')‖_F
     held_rank: int  # rank of the delta held back for a later round (FedMomentum, merge_every > 1)
     rounding_error: float  # FedMomentum's residual_dtype: ‖sent − residual‖_F / ‖s M‖_F
+    svd: str  # the route its SVD took (linalg.decompose: factored, dense, sketch, randomized)
+    svd_error: float  # the sketch's estimated ‖M − U S Vh‖_F / ‖M‖_F
+    # the momentum measures of the layer, added by the driver (``momentum.measure``; None where undefined)
+    update_alignment: float | None
+    subspace_overlap: float | None
+    path_efficiency: float | None
+    noise_share: float | None
+    update_norm: float
 
 
 class RoundStats(TypedDict):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..build import encode_all, make_method, peft_model
+from ..build import client_id, encode_all, make_method, peft_model
 from ..client import train_round
 from ..config import RunConfig, from_dict
 from ..methods import Method
@@ -228,7 +228,7 @@ def train(message: Message, context: Context) -> Message:
     control = wire.record_to_own(message.content["control"]) if "control" in message.content else None
     update, loss = train_round(worker.model, worker.method, examples, global_lora, trainable, config.train_config(),
                                rank=client_ranks(config)[pid], own=own, control=control, t=int(settings["round"]),
-                               lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=f"client-{pid}",
+                               lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=client_id(pid),
                                pad_id=worker.tokenizer.pad_token_id)
     if update.keep:
         context.state[STATE_OWN] = wire.own_to_record(update.keep)

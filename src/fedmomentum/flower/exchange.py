@@ -26,8 +26,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from ..build import client_id
 from . import wire
-from .nodes import Node, Nodes, client_id
+from .nodes import Node, Nodes
 from .replies import parse_resync
 
 MAX_RESENDS = 2

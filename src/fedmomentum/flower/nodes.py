@@ -27,10 +27,6 @@ class Node:
     needs_own: bool = False  # it said it lacks what its client keeps between rounds (``Method.local``)
 
 
-def client_id(partition: int) -> str:
-    return f"client-{partition}"
-
-
 class Nodes:
     """Connected nodes by id, learnt through hellos; one holder per partition."""
 

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from .. import corrections, driver
-from ..build import Setup, prepare
+from ..build import Setup, client_id, prepare
 from ..client import kept
 from ..config import RunConfig
 from ..peft_io import get_lora
@@ -54,7 +54,7 @@ from .backbone_log import FILE as BACKBONE_LOG
 from .backbone_log import BackboneLog
 from .exchange import Exchange
 from .local_data import server_held_out
-from .nodes import Node, Nodes, client_id
+from .nodes import Node, Nodes
 from .replies import Limits, parse_train_reply
 from .resync import train_message
 

@@ -6,8 +6,9 @@ held residuals) goes into ``aggregate`` and comes back in ``Aggregate.state``, l
 1-based: ``t`` is the ``t``-th aggregation (0: before training). Subclasses implement ``aggregate_layer`` for one
 layer; the base class checks the updates, computes ``p_i``, brings every update to the global LoRA scaling (a client
 of another rank has its own ``s_k``), casts to the aggregation dtype and totals the stats. A method that needs an SVD
-says of what in ``svd_terms``; the base class takes those SVDs for all layers at once (``linalg.svds``: layers of
-equal shape in one batch, unless ``batched=False``) and hands each layer its own.
+says of what in ``svd_terms``; the base class takes those SVDs (``linalg.decompose``: a route per group of layers of
+equal shape, by cost; batched a chunk at a time as the layers are aggregated, unless ``batched=False``) and hands each
+layer its own.
 
 Every method also takes a server optimizer (``server_opt``: FedAvgM, FedAdam, FedYogi, FedAdagrad; ``server_opt.py``):
 after ``aggregate_layer`` proposes a layer's result, the base class takes the optimizer's step on it, on the averaged
@@ -27,20 +28,24 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 import zlib
 from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
 
-from ..linalg import ProductSVD, Terms, svds
+from ..keys import check as check_declared
+from ..keys import declared
+from ..linalg import ProductSVD, Terms, decompose
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, StateDict, Tensor, UpdateError
+from .option_specs import AggregationDtype, MethodOptions
 from .server_opt import DEFAULT_BETAS, DEFAULT_LR, SERVER_OPTS, ServerOpt
 from .server_opt import PREFIX as OPT_PREFIX
 from .shared import at_rank
 
 WIRE_BYTES = 4  # float32 on the wire
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in typing.get_args(AggregationDtype)}
 
 
 class LayerResult(NamedTuple):
@@ -57,29 +62,35 @@ class Method:
     """Base class: FedIT-style training of both factors; subclasses override what differs."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # its options, declared torch-free (option_specs.py)
     exact: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False  # may clients send ranks other than the global rank?
     local: ClassVar[tuple[str, ...]] = ()  # factors each client keeps between rounds instead of the global ones
     uses_backbone: ClassVar[bool] = False  # does ``start`` need the backbone weights?
     # where a server optimizer acts (``server_opt.py``): "factors" (the averaged factors) or "product" (W + s B A)
     update_space: ClassVar[str] = "factors"
-    svd: str = "factored"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
+    svd: str = "auto"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
     backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
 
-    def __init__(self, weighting: str = "examples", dtype: str = "float32", seed: int = 0, batched: bool = True,
-                 server_opt: str = "none", server_lr: float | None = None, server_momentum: float = 0.9,
-                 server_betas: list[float] | None = None, server_eps: float = 1e-3):
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.weighting = weighting
-        self.dtype = DTYPES[dtype]
-        self.seed = seed
-        self.batched = batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
-        self.server_opt = _server_opt(server_opt, server_lr, server_momentum, server_betas, server_eps)
+    def __init__(self, options: MethodOptions | None = None, **values):
+        """``options``: this method's checked ``Options`` (``methods.create`` passes them), or their fields as
+        keywords, checked here; an unknown one, a value of the wrong type or out of range is a ``ValueError``."""
+        if options is None:
+            unknown = [key for key in values if key not in declared(self.Options)]
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; it accepts "
+                                 f"{', '.join(declared(self.Options))}")
+            options = self.Options(**values)
+        elif values or not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes a {self.Options.__name__} or its fields as keywords")
+        check_declared(options, lambda key: f"{self.name} option {key}")
+        self.options = options
+        self.weighting = options.weighting
+        self.dtype = DTYPES[options.dtype]
+        self.seed = int(options.seed)
+        self.batched = options.batched  # SVDs of equal-shaped layers together (same results; much faster on a GPU)
+        self.server_opt = _server_opt(options.server_opt, options.server_lr, options.server_momentum,
+                                      options.server_betas, options.server_eps)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -141,7 +152,7 @@ class Method:
             lora[name] = result.lora
             if result.backbone is not None and result.backbone.rank > 0:
                 backbone[name] = result.backbone
-            per_layer[name] = result.stats or {}
+            per_layer[name] = {**(result.stats or {}), **(decomposed.stats(name) if terms[name] is not None else {})}
             for slot, tensor in (result.state or {}).items():
                 new_state.setdefault(slot, {})[name] = tensor
         return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, t), new_state)
@@ -249,19 +260,12 @@ class Method:
             raise ValueError(f"{self.name} needs every client at the global rank {global_rank}; it cannot mix "
                              f"ranks {sorted(set(client_ranks))} (use flora, fedex-lora, flexlora or fedmomentum)")
 
-    def _svds(self, terms: dict[str, Terms]) -> dict[str, ProductSVD]:
-        """``linalg.svds`` of the layers' terms; if a batch fails to converge, layer by layer, leaving out the
-        layers that fail (``aggregate`` reports the first)."""
-        try:
-            return svds(terms, self.svd, self.batched)
-        except torch.linalg.LinAlgError:
-            result = {}
-            for name, t in terms.items():
-                try:
-                    result.update(svds({name: t}, self.svd, batched=False))
-                except torch.linalg.LinAlgError:
-                    pass
-            return result
+    def _svds(self, terms: dict[str, Terms]) -> Mapping[str, ProductSVD]:
+        """The layers' SVDs (``linalg.decompose``: a route per group of equal-shaped layers, by cost unless ``svd``
+        names one; taken a chunk at a time as ``aggregate`` asks for them). A layer whose SVD fails to converge is
+        left out (``aggregate`` reports it). A method that keeps less than all of the energy (``residual_energy``)
+        lets the route be approximate within a tenth of what it drops."""
+        return decompose(terms, self.svd, batched=self.batched, energy=getattr(self, "residual_energy", 1.0))
 
     def _check_result(self, name: str, result: LayerResult | None) -> None:
         """A layer whose aggregate is not finite (or whose SVD failed on it) overflowed the aggregation dtype."""
@@ -428,11 +432,10 @@ def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """No NaN or ±Inf in any of ``tensors``: their largest ``|x|`` (NaN propagates) in one fused pass, one sync."""
-    tensors = [X for X in tensors if X.numel()]
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
+    """No NaN or ±Inf in any of ``tensors``: each one's min and max (NaN propagates) in one fast pass without a
+    copy, gathered for one device sync."""
+    extremes = [torch.stack(torch.aminmax(X)) for X in tensors if X.numel()]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 
 def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:

@@ -11,6 +11,7 @@ import torch
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank, UpdateError
 from .base import LayerResult, Method
+from .option_specs import FedExLoRAOptions
 from .shared import mean
 
 
@@ -23,6 +24,7 @@ def _pad(pair: LoraPair, rank: int) -> LoraPair:
 
 class FedExLoRA(Method):
     name = "fedex-lora"
+    Options = FedExLoRAOptions
     mixed_ranks = True
     update_space = "product"  # a server optimizer acts on W + s B A (the factors and the error belong together)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import LayerResult, Method
+from .option_specs import FedITOptions
 from .shared import fedit_noise, mean
 
 
 class FedIT(Method):
     name = "fedit"
+    Options = FedITOptions
     exact = False
 
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):

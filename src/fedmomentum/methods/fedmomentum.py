@@ -19,51 +19,38 @@ layer as ``rounding_error``, relative to ``‖s M‖``).
 
 from __future__ import annotations
 
-import numbers
+import typing
 
 import torch
 
-from ..linalg import SVD_KINDS, Terms, compress, energy_rank, lowrank_norm, numerical_rank
+from ..linalg import Terms, compress, energy_rank, lowrank_norm, numerical_rank
 from ..types import LowRank
 from .base import LayerResult, Method
-from .shared import SPLITS, adapter_from_svd
+from .option_specs import FedMomentumOptions, ResidualDtype
+from .shared import adapter_from_svd
 
-RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESIDUAL_DTYPES = {name: getattr(torch, name) for name in typing.get_args(ResidualDtype)}
 HELD_LEFT, HELD_RIGHT = "held_left", "held_right"  # the state's slots: a layer's held residual, left @ right
 
 
 class FedMomentum(Method):
-    """Options: ``residual_energy`` τ, ``split``, ``merge_residual``, ``merge_every``, ``svd``,
-    ``compress_residual``, ``residual_dtype``. State: with ``merge_every > 1``, each layer's residual held back on the
-    server, as the slots ``held_left`` / ``held_right``."""
+    """Options (declared in ``option_specs.FedMomentumOptions``): ``residual_energy`` τ, ``split``,
+    ``merge_residual``, ``merge_every``, ``svd``, ``compress_residual``, ``residual_dtype``. State: with
+    ``merge_every > 1``, each layer's residual held back on the server, as the slots ``held_left`` / ``held_right``."""
 
     name = "fedmomentum"
+    Options = FedMomentumOptions
     mixed_ranks = True
     update_space = "product"  # a server optimizer acts on W + s B A (its factors come from an SVD every round)
 
-    def __init__(self, residual_energy: float = 1.0, split: str = "balanced", merge_residual: bool = True,
-                 merge_every: int = 1, svd: str = "factored", compress_residual: bool = False,
-                 residual_dtype: str = "float32", **common):
-        super().__init__(**common)
-        if isinstance(residual_energy, bool) or not isinstance(residual_energy, numbers.Real):
-            raise ValueError(f"residual_energy must be a number in (0, 1], got {residual_energy!r}")
-        if not isinstance(merge_residual, bool):
-            raise ValueError(f"merge_residual must be true or false, got {merge_residual!r}")
-        if not 0.0 < residual_energy <= 1.0:
-            raise ValueError(f"residual_energy must be in (0, 1], got {residual_energy}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(merge_every, bool) or not isinstance(merge_every, numbers.Integral) or merge_every < 1:
-            raise ValueError(f"merge_every must be an integer ≥ 1, got {merge_every!r}")
-        if svd not in SVD_KINDS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
-        if residual_dtype not in RESIDUAL_DTYPES:
-            raise ValueError(f"residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, got {residual_dtype!r}")
-        if not isinstance(compress_residual, bool):
-            raise ValueError(f"compress_residual must be true or false, got {compress_residual!r}")
-        self.residual_energy, self.split, self.merge_residual = residual_energy, split, merge_residual
-        self.merge_every, self.svd, self.compress_residual = int(merge_every), svd, compress_residual
-        self.residual_dtype = RESIDUAL_DTYPES[residual_dtype]
+    def __init__(self, options: FedMomentumOptions | None = None, **values):
+        super().__init__(options, **values)
+        options = self.options
+        self.residual_energy, self.split, self.merge_residual = options.residual_energy, options.split, \
+            options.merge_residual
+        self.merge_every, self.svd, self.compress_residual = int(options.merge_every), options.svd, \
+            options.compress_residual
+        self.residual_dtype = RESIDUAL_DTYPES[options.residual_dtype]
         self.backbone_wire_bytes = torch.finfo(self.residual_dtype).bits // 8
 
     @property
@@ -80,7 +67,8 @@ class FedMomentum(Method):
         spectrum = svd.S_cpu  # S on the host: ranks and stats without a GPU sync each
         alive = min(numerical_rank(spectrum, shape), rank)  # components the adapter takes; its other slots restart
         nonzero = numerical_rank(spectrum, (len(S),))
-        keep = energy_rank(spectrum, rank, self.residual_energy) if self.merge_residual else alive
+        energy = svd.energy  # Σσ² of M, with what a sketch's components miss
+        keep = energy_rank(spectrum, rank, self.residual_energy, total=energy) if self.merge_residual else alive
         # the backbone gets all the adapter leaves, as rank-q factors (or as the SVD's own tail when compressed)
         whole_tail = self.merge_residual and keep >= nonzero and not self.compress_residual
         Vh = svd.Vh(alive if whole_tail else keep)
@@ -94,8 +82,7 @@ class FedMomentum(Method):
         else:
             residual = (LowRank((scaling * US[:, alive:keep]).contiguous(), Vh[alive:keep].contiguous())
                         if keep > alive else None)
-            residual_rank, dropped = keep - alive, float((spectrum[keep:].double() ** 2).sum())
-        energy = float((spectrum.double() ** 2).sum())
+            residual_rank, dropped = keep - alive, max(0.0, energy - float((spectrum[:keep].double() ** 2).sum()))
         stats = {
             "rank": rank,
             "residual_rank": residual_rank,

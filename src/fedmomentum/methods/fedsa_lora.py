@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import LayerResult, Method
+from .option_specs import FedSALoRAOptions
 from .shared import fedit_noise, mean
 
 
 class FedSALoRA(Method):
     name = "fedsa-lora"
+    Options = FedSALoRAOptions
     exact = False
     local = ("B",)
 

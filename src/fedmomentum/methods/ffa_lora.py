@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import LayerResult, Method
+from .option_specs import FFALoRAOptions
 from .shared import mean
 
 
 class FFALoRA(Method):
     name = "ffa-lora"
+    Options = FFALoRAOptions
 
     def trainable(self, t):
         return {"A": False, "B": True}

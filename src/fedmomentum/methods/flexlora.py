@@ -11,24 +11,22 @@ part of the whole aggregate.
 
 from __future__ import annotations
 
-from ..linalg import SVD_KINDS, Terms, numerical_rank
+from ..linalg import Terms, numerical_rank
 from .base import LayerResult, Method
-from .shared import SPLITS, adapter_from_svd
+from .option_specs import FlexLoRAOptions
+from .shared import adapter_from_svd
 
 
 class FlexLoRA(Method):
     name = "flexlora"
+    Options = FlexLoRAOptions
     exact = False
     mixed_ranks = True
     update_space = "product"  # a server optimizer acts on W + s B A (its factors come from an SVD every round)
 
-    def __init__(self, split: str = "balanced", svd: str = "factored", **common):
-        super().__init__(**common)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if svd not in SVD_KINDS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}, got {svd!r}")
-        self.split, self.svd = split, svd
+    def __init__(self, options: FlexLoRAOptions | None = None, **values):
+        super().__init__(options, **values)
+        self.split, self.svd = self.options.split, self.options.svd
 
     def check_ranks(self, global_rank, client_ranks):
         if max(client_ranks) > global_rank:

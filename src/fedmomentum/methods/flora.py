@@ -8,10 +8,12 @@ from __future__ import annotations
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank
 from .base import LayerResult, Method
+from .option_specs import FLoRAOptions
 
 
 class FLoRA(Method):
     name = "flora"
+    Options = FLoRAOptions
     mixed_ranks = True
     update_space = "product"  # a server optimizer acts on W + s B A (the adapter restarts every round)
 

@@ -25,30 +25,24 @@ from __future__ import annotations
 from ..linalg import compress, dense_svd, numerical_rank, randomized_svd
 from ..types import Aggregate, LoraPair, LowRank
 from .base import LayerResult, Method
+from .option_specs import FRLoRAOptions
 from .shared import adapter_from_svd, fedit_noise, mean, product_sum
-
-AVERAGES = ("factors", "products")
-INIT_SVDS = ("dense", "randomized")
 
 
 class FRLoRA(Method):
-    """Options: ``train_A`` (False: ``A`` frozen at ``A₀``, the authors' script; True: both factors), ``average``
-    (``factors``: the paper's FedAvg of A and B; ``products``: exact), ``init_svd`` (``dense``: exact SVD of each
-    weight; ``randomized``: ``torch.svd_lowrank``, faster on large layers)."""
+    """Options (declared in ``option_specs.FRLoRAOptions``): ``train_A`` (false: ``A`` frozen at ``A₀``, the
+    authors' script; true: both factors), ``average`` (``factors``: the paper's FedAvg of A and B; ``products``:
+    exact), ``init_svd`` (``dense``: exact SVD of each weight; ``randomized``: ``torch.svd_lowrank``, faster on large
+    layers)."""
 
     name = "frlora"
+    Options = FRLoRAOptions
     uses_backbone = True
     update_space = "product"  # a server optimizer acts on W + s B A (the adapter returns to (A₀, B₀))
 
-    def __init__(self, train_A: bool = False, average: str = "factors", init_svd: str = "dense", **common):
-        super().__init__(**common)
-        if not isinstance(train_A, bool):
-            raise ValueError(f"train_A must be true or false, got {train_A!r}")
-        if average not in AVERAGES:
-            raise ValueError(f"average must be one of {', '.join(AVERAGES)}, got {average!r}")
-        if init_svd not in INIT_SVDS:
-            raise ValueError(f"init_svd must be one of {', '.join(INIT_SVDS)}, got {init_svd!r}")
-        self.train_A, self.average, self.init_svd = train_A, average, init_svd
+    def __init__(self, options: FRLoRAOptions | None = None, **values):
+        super().__init__(options, **values)
+        self.train_A, self.average, self.init_svd = self.options.train_A, self.options.average, self.options.init_svd
 
     @property
     def exact(self) -> bool:  # type: ignore[override]

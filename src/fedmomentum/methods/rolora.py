@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from ..types import LoraPair
 from .base import LayerResult, Method
+from .option_specs import RoLoRAOptions
 from .shared import mean
 
 
 class RoLoRA(Method):
     name = "rolora"
+    Options = RoLoRAOptions
 
     def trainable(self, t):
         """``B`` in rounds 1, 3, 5, …, ``A`` in rounds 2, 4, … (round 0, before training, as round 1)."""

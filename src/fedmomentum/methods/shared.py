@@ -10,8 +10,6 @@ import torch
 from ..linalg import ProductSVD, lowrank_norm, numerical_rank, stack
 from ..types import LoraPair, LowRank, Tensor
 
-SPLITS = ("balanced", "left")  # how an SVD's singular values go into B and A
-
 
 def at_rank(pair: LoraPair, rank: int, ratio: float, fresh_A) -> LoraPair:
     """Rank-``rank`` factors with ``B' A' = ratio · B A`` when ``rank ≥ rank(B A)``, else its best rank-``rank``

@@ -12,11 +12,25 @@ A study file (TOML or YAML) holds:
 
 Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
 read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
+``read_back`` reads a study's finished runs from their files alone, so its tables can be recomputed from them.
+``fedmomentum compare`` is a one-seed study of a cell per method (``of_methods``), its runs in ``OUT/<method>``.
 """
 
-from .runner import RunResult, claim, execute, release, run_folder, state
-from .spec import Cell, Study, StudyError, load
-from .summary import Band, CellSummary, Interval, curves, interval, run_metrics, summarize, write
+from .runner import RunResult, claim, execute, flat_folder, release, run_folder, state
+from .spec import Cell, Study, StudyError, load, of_methods
+from .summary import (
+    Band,
+    CellSummary,
+    Interval,
+    curves,
+    detectable_difference,
+    interval,
+    read_back,
+    run_metrics,
+    summarize,
+    write,
+)
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "execute", "interval", "load", "release", "run_folder", "run_metrics", "state", "summarize", "write"]
+           "detectable_difference", "execute", "flat_folder", "interval", "load", "of_methods", "read_back",
+           "release", "run_folder", "run_metrics", "state", "summarize", "write"]

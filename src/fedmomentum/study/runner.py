@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as config_io
+from .. import rundir
 from ..config import RunConfig
 from ..records import read_metrics
 from .spec import Cell, Study
@@ -32,7 +33,13 @@ class RunResult:
 
 
 def run_folder(out: Path, cell: Cell, seed: int) -> Path:
+    """Where a study keeps a run: ``OUT/runs/<cell>/seed-<k>``."""
     return out / "runs" / cell.folder / f"seed-{seed}"
+
+
+def flat_folder(out: Path) -> Callable[[Cell, int], Path]:
+    """``OUT/<cell>``, one run per cell: the layout of ``fedmomentum compare`` (one seed)."""
+    return lambda cell, seed: Path(out) / cell.folder
 
 
 def claim(folder: Path) -> bool:
@@ -79,9 +86,6 @@ def state(folder: Path, config: RunConfig) -> str:
 
     A folder holding a run of other settings is an error rather than silently redone or mixed in.
     """
-    from .. import rundir
-    from ..driver import CHECKPOINT
-
     saved = folder / rundir.CONFIG
     if not saved.is_file():
         return "new"
@@ -96,49 +100,50 @@ def state(folder: Path, config: RunConfig) -> str:
     summary = folder / "summary.json"
     if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("rounds") == config.rounds:
         return "done"
-    return "partial" if (folder / CHECKPOINT).is_file() else "started"
+    return "partial" if (folder / rundir.CHECKPOINT).is_file() else "started"
 
 
 def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
-            verbose: bool = False) -> list[RunResult]:
-    """Run every cell × seed that is not finished in ``out``; a failed run is reported and the grid goes on.
+            verbose: bool = False, folder: Callable[[Cell, int], Path] | None = None) -> list[RunResult]:
+    """Run every cell × seed that is not finished in ``out`` (each in ``folder(cell, seed)``, default
+    ``run_folder``); a failed run is reported and the grid goes on.
 
     A run that another live process is running (the same study started twice) is skipped and left out of the
     results; run the study again once both have finished for the complete tables.
     """
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    where = folder or (lambda cell, seed: run_folder(out, cell, seed))
     models: dict[tuple, tuple] = {}  # (model, device) → the loaded base model, copied for every run
     results: list[RunResult] = []
     total = len(study.cells) * len(study.seeds)
     started = time.perf_counter()
     for index, (cell, seed) in enumerate(itertools.product(study.cells, study.seeds), 1):
-        result = RunResult(cell, seed, run_folder(out, cell, seed))
-        where = f"[{index}/{total}] {cell.label} seed {seed}"
+        result = RunResult(cell, seed, where(cell, seed))
+        label = f"[{index}/{total}] {cell.label} seed {seed}"
         try:
             config = study.config(cell, seed, result.folder)
             if state(result.folder, config) != "done":
                 if not claim(result.folder):
-                    log(f"{where}: running in another process, skipped")
+                    log(f"{label}: running in another process, skipped")
                     continue
                 try:
                     status = state(result.folder, config)  # again: it may have finished before we claimed it
                     if status != "done":
                         doing = {"partial": "resuming", "started": "starting over"}.get(status, "starting")
-                        log(f"{where}: {doing} ({config.rounds} rounds)")
+                        log(f"{label}: {doing} ({config.rounds} rounds)")
                         seconds = _train(config, status != "new", models, verbose)
                         result.redone = True
-                        log(f"{where}: finished in {seconds:.0f} s (study {time.perf_counter() - started:.0f} s "
+                        log(f"{label}: finished in {seconds:.0f} s (study {time.perf_counter() - started:.0f} s "
                             "so far)")
                 finally:
                     release(result.folder)
             else:
-                log(f"{where}: already finished, read back")
+                log(f"{label}: already finished, read back")
             result.summary = json.loads((result.folder / "summary.json").read_text(encoding="utf-8"))
             result.rows = read_metrics(result.folder)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - one failed run must not stop the grid
             result.error = f"{type(error).__name__}: {error}".splitlines()[0]
-            log(f"{where}: FAILED: {result.error}")
+            log(f"{label}: FAILED: {result.error}")
         results.append(result)
     return results
 

@@ -105,8 +105,9 @@ def _label(values: dict, varying: set[str]) -> str:
     return " ".join(parts)
 
 
-def load(path: str | Path) -> Study:
-    """Read and check a study file; every error names the file and the key."""
+def load(path: str | Path, overrides: dict | None = None) -> Study:
+    """Read and check a study file; every error names the file and the key. ``overrides`` (config keys, e.g. from
+    ``--set``) are laid over its ``[base]``."""
     path = Path(path)
     spec = config_io.read(path)
     unknown = [key for key in spec if key not in TOP_KEYS]
@@ -116,8 +117,9 @@ def load(path: str | Path) -> Study:
     base = spec.get("base", {})
     if not isinstance(base, dict):
         raise StudyError(f"{path}: [base] must be a table of RunConfig keys")
-    if "out" in base:
+    if "out" in base or "out" in (overrides or {}):
         raise StudyError(f"{path}: [base] out: a study sets each run's out itself (use --out for the study)")
+    base = config_io.merge(base, overrides or {})
     try:
         config_io.from_dict(base)
     except (ValueError, TypeError) as error:
@@ -133,13 +135,32 @@ def load(path: str | Path) -> Study:
     cells = _cells(spec.get("cell", [{}]), axes, path)
     study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds), cells[0],
                   _target(spec.get("target_loss"), path))
-    for cell in cells:  # every run must be a valid config: the error names the cell (and the config key)
-        try:
-            study.config(cell, seeds[0]).validate()
-        except (ValueError, TypeError) as error:
-            raise StudyError(f"{path}: cell {cell.label!r}: {error}") from None
+    _check_cells(study)
     study.baseline = _baseline(spec.get("baseline"), study)
     return study
+
+
+def of_methods(names: list[str], base: RunConfig, target_loss: float | None = None,
+               path: str | Path | None = None, shared: dict | None = None) -> Study:
+    """The one-seed study ``fedmomentum compare`` runs: a cell per method on ``base`` (its seed, clients and data),
+    the first method the baseline; ``base``'s method options go to its own method only, ``shared`` ones to every
+    method (``-o server_opt=avgm``)."""
+    values = {k: v for k, v in base.to_dict().items() if k not in ("out", "seed", "method", "method_options")}
+    cells = [Cell(name, {"method": name, "method_options": {
+        **(base.method_options if name == base.method else {}), **(shared or {})}}) for name in names]
+    study = Study(Path(path or "compare"), "compare", values, cells, [base.seed], cells[0],
+                  None if target_loss is None else _target(target_loss, Path(path or "--target-loss")))
+    _check_cells(study)
+    return study
+
+
+def _check_cells(study: Study) -> None:
+    """Every run must be a valid config: the error names the cell (and the config key)."""
+    for cell in study.cells:
+        try:
+            study.config(cell, study.seeds[0]).validate()
+        except (ValueError, TypeError) as error:
+            raise StudyError(f"{study.path}: cell {cell.label!r}: {error}") from None
 
 
 def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:

@@ -1,18 +1,23 @@
-"""Summarising a study: per-cell statistics over seeds, paired differences to the baseline with 95 % t intervals,
-the curves, and the files (``study.csv``, ``runs.csv``, ``study.md``, plots)."""
+"""Summarising a study: per-cell statistics over seeds, paired differences to the baseline with 95 % t intervals and
+the smallest difference detectable at 80 % power, the curves, and the files (``study.csv``, ``runs.csv``,
+``study.md``, plots), from the runs' results or read back from their files alone (``read_back``)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runner import RunResult
+from .. import outcomes, plots
+from ..records import read_metrics
+from . import tables
+from .runner import RunResult, run_folder, state
 from .spec import Cell, Study
 
-METRICS = ("final_eval_loss", "best_eval_loss", "final_accuracy", "rounds_to_target", "uplink_per_round",
-           "downlink_per_round", "uplink_bytes", "downlink_bytes", "seconds")
-PAIRED = ("final_eval_loss", "best_eval_loss", "final_accuracy")
+METRICS = tables.CSV_STATS
+PAIRED = tuple(tables.PAIRED)
+ALPHA, POWER = 0.05, 0.8  # the paired t test the detectable differences are for: two-sided, α = 0.05, 80 % power
 
 
 @dataclass
@@ -32,6 +37,12 @@ class Interval:
     def high(self) -> float:
         return self.mean + (self.half or 0.0)
 
+    @property
+    def detectable(self) -> float | None:
+        """The smallest true mean that a two-sided t test of these ``n`` values (paired differences) at α = 0.05
+        finds with 80 % power, at their standard deviation (``detectable_difference``)."""
+        return detectable_difference(self.std, self.n)
+
 
 def interval(values: list[float]) -> Interval | None:
     """``Interval`` of the finite values (``None`` when there are none)."""
@@ -47,19 +58,45 @@ def interval(values: list[float]) -> Interval | None:
     return Interval(mean, std, half, n)
 
 
-def run_metrics(result: RunResult, target_loss: float | None) -> dict:
-    """The once-measured numbers of a finished run (bytes per round are per client)."""
-    from ..report import rounds_to_target
+def detectable_difference(std: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float | None:
+    """The smallest true mean difference ``δ`` that a two-sided one-sample (paired) t test of ``n`` differences with
+    standard deviation ``std`` rejects at level ``alpha`` with probability ``power``: the noncentrality
+    ``λ = δ√n / std`` solves ``P(|T| > t_{1−α/2, n−1}) = power`` for ``T`` noncentral t with ``n − 1`` degrees of
+    freedom. None for ``n < 2`` (no std); 0 for ``std = 0``."""
+    from scipy import optimize, stats
 
+    if n < 2 or not math.isfinite(std):
+        return None
+    if std == 0:
+        return 0.0
+    df = n - 1
+    critical = float(stats.t.ppf(1 - alpha / 2, df))
+
+    def missing(noncentrality: float) -> float:  # P(T < −c) as P(T' > c) of −λ: scipy's nct.cdf there is NaN for
+        # large λ at df = 1
+        return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality)) - power
+
+    high = 2 * critical + 4.0  # the power rises with λ from α at 0; double until it passes ``power``
+    while missing(high) < 0:
+        high *= 2
+    return optimize.brentq(missing, 0.0, high, xtol=1e-12, rtol=1e-12) * std / math.sqrt(n)
+
+
+def run_metrics(result: RunResult, target_loss: float | None) -> dict:
+    """The once-measured numbers of a finished run (bytes per round and to target are per client), with its
+    momentum numbers (``outcomes.momentum``: None for runs recorded without them)."""
     trained = [row for row in result.rows if row["round"] > 0]
     per_round = {k: sum(row[k] for row in trained) / len(trained) if trained else None
                  for k in ("uplink_bytes", "downlink_bytes")}
     return {
         **{k: result.summary.get(k) for k in ("final_eval_loss", "best_eval_loss", "final_accuracy",
                                                "uplink_bytes", "downlink_bytes", "seconds")},
-        "rounds_to_target": rounds_to_target(result.rows, target_loss),
+        "mean_eval_loss": outcomes.mean_eval_loss(result.rows),
+        "rounds_to_target": outcomes.rounds_to_target(result.rows, target_loss),
+        "bytes_to_target": outcomes.bytes_to_target(result.rows, target_loss),
         "uplink_per_round": per_round["uplink_bytes"],
         "downlink_per_round": per_round["downlink_bytes"],
+        **outcomes.momentum(result.rows),
     }
 
 
@@ -152,23 +189,59 @@ def curves(study: Study, results: list[RunResult]) -> tuple[dict[str, Band], dic
     return losses, gaps, frontier
 
 
-def write(study: Study, results: list[RunResult], out: str | Path, wall_seconds: float | None = None) -> list[Path]:
-    """``study.csv``, ``runs.csv``, ``study.md`` and the plots in ``out``; returns their paths."""
-    from .. import report
-
+def write(study: Study, results: list[RunResult], out: str | Path, draw: bool = True) -> list[Path]:
+    """``study.csv``, ``runs.csv``, ``study.md`` and (``draw``) the plots in ``out``; returns their paths."""
     out = Path(out)
     summaries = summarize(study, results)
-    written = [report.write_study_csv(summaries, out / "study.csv"),
-               report.write_runs_csv(summaries, out / "runs.csv")]
+    written = [tables.write_study_csv(summaries, out / "study.csv"),
+               tables.write_runs_csv(summaries, out / "runs.csv")]
     losses, gaps, frontier = curves(study, results)
-    plots = {"loss_vs_rounds.png": lambda p: report.plot_study_rounds(losses, gaps, study.baseline.label, p),
-             "loss_vs_bytes.png": lambda p: report.plot_study_bytes(frontier, p),
-             "final.png": lambda p: report.plot_study_final(summaries, study.baseline.label, p)}
-    if any(losses.values()):
-        for name, draw in plots.items():
-            draw(out / name)
+    figures = {"loss_vs_rounds.png": lambda p: plots.plot_study_rounds(losses, gaps, study.baseline.label, p),
+               "loss_vs_bytes.png": lambda p: plots.plot_study_bytes(frontier, p),
+               "final.png": lambda p: plots.plot_study_final(summaries, study.baseline.label, p)}
+    if draw and any(losses.values()):
+        for name, figure in figures.items():
+            figure(out / name)
             written.append(out / name)
-    text = report.study_markdown(study, summaries, [p.name for p in written if p.suffix == ".png"], wall_seconds)
-    (out / "study.md").write_text(text)
+    text = tables.study_markdown(study, summaries, [p.name for p in written if p.suffix == ".png"])
+    (out / "study.md").write_text(text, encoding="utf-8")
     written.insert(1, out / "study.md")
     return written
+
+
+def read_back(study: Study, out: str | Path) -> list[RunResult]:
+    """The finished runs of ``study`` in ``out`` from their files alone (``summary.json`` of all their rounds and
+    ``metrics.jsonl``), nothing trained: what recomputing a committed study's tables needs. A folder holding a run
+    of other settings is an error (``runner.state``), and so is a number of the wrong type; an unfinished run is left
+    out."""
+    results = []
+    for cell in study.cells:
+        for seed in study.seeds:
+            folder = run_folder(Path(out), cell, seed)
+            if state(folder, study.config(cell, seed, folder)) != "done":
+                continue
+            summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+            rows = read_metrics(folder)
+            _check_numbers(folder / "summary.json", [summary], SUMMARY_NUMBERS)
+            _check_numbers(folder / "metrics.jsonl", rows, ROW_NUMBERS)
+            if any(row.get(key) is None for row in rows if row["round"] > 0 for key in ("uplink_bytes",
+                                                                                        "downlink_bytes")):
+                raise ValueError(f"{folder / 'metrics.jsonl'}: a trained round without its uplink or downlink bytes")
+            results.append(RunResult(cell, seed, folder, summary, rows))
+    return results
+
+
+SUMMARY_NUMBERS = ("final_eval_loss", "best_eval_loss", "final_accuracy", "uplink_bytes", "downlink_bytes", "seconds")
+ROW_NUMBERS = ("eval_loss", "uplink_bytes", "downlink_bytes", *outcomes.MOMENTUM)
+
+
+def _check_numbers(path: Path, records: list, keys: tuple[str, ...]) -> None:
+    """Every record a JSON object whose ``keys``, where present, are null or finite numbers."""
+    for record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: not a run's record (a JSON object)")
+        for key in keys:
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{path}: {key} must be a finite number or null, got {value!r}")

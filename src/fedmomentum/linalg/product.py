@@ -1,29 +1,39 @@
-"""SVDs of sums of low-rank products, without forming the dense matrix, and the energy split.
+"""The SVD of a sum of low-rank products ``M = Σ w_i L_i R_i``, by one of four routes (``ProductSVD``).
 
-``Σ w_i L_i R_i`` with ``L_i: d×r_i`` and ``R_i: r_i×k`` has rank ``q ≤ Σ r_i``. Stacking gives one product
-``L R`` (``L: d×q``, ``R: q×k``); QR of ``L`` and of ``Rᵀ`` leaves a ``q×q`` core whose SVD is the SVD of the
-whole, exactly, at ``O((d+k) q²)`` instead of ``O(d k min(d, k))``.
+``L_i: d×r_i`` and ``R_i: r_i×k``; stacking gives one product ``M = L R`` (``L: d×q``, ``R: q×k``, ``q = Σ r_i``).
 
-The QR factors stay in Householder form (``torch.geqrf``): the singular values need only the triangular
-factors, and a method that needs only the leading ``n`` singular vectors pays ``O((d+k) q n)`` for them
-(``ProductSVD.U(n)`` / ``ProductSVD.Vh(n)``) instead of forming both ``d×q`` and ``k×q`` orthonormal bases.
+* ``factored`` (exact, never forms ``M``): QR of ``L`` and of ``Rᵀ`` leaves a ``q×q`` core whose SVD is the SVD of
+  the whole, at ``O((d + k) q² + q³)`` instead of ``O(d k min(d, k))``. The QR factors stay in Householder form
+  (``torch.geqrf``): the singular values need only the triangular factors, and a method that needs only the
+  leading ``n`` singular vectors pays ``O((d + k) q n)`` for them (``U(n)``, ``Vh(n)``).
+* ``dense`` (exact): ``torch.linalg.svd`` of ``M`` formed by one matmul; cheaper than ``factored`` once ``q`` nears
+  ``min(d, k)`` (``cost.py``).
+* ``sketch`` (approximate, matrix-free): a randomized SVD whose products with ``M`` are taken factor by factor,
+  grown until its estimated relative error is below ``tol`` (``sketch.py``); its cost is linear in ``q``.
+  It is the exact SVD of ``M̃ = Q Qᵀ M``, and ``error`` is the estimated ``‖M − M̃‖_F / ‖M‖_F``.
+* ``randomized``: ``torch.svd_lowrank`` of the dense ``M``, as published federated-LoRA code does (for parity).
 
-A round's layers come in a few shapes (q, k, v, o of every block), so ``svds`` stacks the layers of equal shape
-into one batch and decomposes each batch with single batched calls: on a GPU one layer's QRs are far too small to
-keep it busy, so the per-layer route is bound by latency. ``ProductSVD`` takes a leading batch dimension, and
-``svd[i]`` is layer ``i`` of a batch (views, nothing recomputed).
+``auto`` picks the cheaper exact route from the shapes (``routes.decompose`` may pick the sketch as well).
+A ``ProductSVD`` takes a leading batch dimension (``L: b×d×q``, ``R: b×q×k``; factored and sketch routes), and
+``svd[i]`` is matrix ``i`` of a batch (views, nothing recomputed).
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .types import LowRank, Tensor
+from ..methods.option_specs import SvdKind
+from ..types import LowRank, Tensor
+from .cost import exact_route
+from .sketch import SketchOptions, range_of
+from .spectrum import numerical_rank, spectral_norm
 
-SVD_KINDS = ("factored", "dense", "randomized")
+SVD_KINDS = typing.get_args(SvdKind)  # declared with the methods' options
+EXACT_KINDS = ("factored", "dense")
 
 
 def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[float] | None = None,
@@ -45,7 +55,7 @@ def stack(lefts: Sequence[Tensor], rights: Sequence[Tensor], weights: Sequence[f
 
 @dataclass(frozen=True)
 class Terms:
-    """``Σ w_i lefts[i] @ rights[i]``, not yet stacked: the matrix a method asks the SVD of (see ``svds``)."""
+    """``Σ w_i lefts[i] @ rights[i]``, not yet stacked: the matrix a method asks the SVD of (see ``decompose``)."""
 
     lefts: list[Tensor]
     rights: list[Tensor]
@@ -55,6 +65,11 @@ class Terms:
         """What must match for two layers' terms to be stacked into one batch."""
         return (tuple(x.shape for x in self.lefts), tuple(x.shape for x in self.rights),
                 self.lefts[0].dtype, self.lefts[0].device)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(d, k, q)``: the sum is ``d×k`` and of rank at most ``q = Σ r_i``."""
+        return self.lefts[0].shape[0], self.rights[0].shape[1], sum(x.shape[1] for x in self.lefts)
 
     def stacked(self, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         return stack(self.lefts, self.rights, self.weights, out)
@@ -74,41 +89,87 @@ def _triangle(reflectors: Tensor) -> Tensor:
 
 
 class ProductSVD:
-    """The thin SVD of ``L @ R`` (``L: d×q``, ``R: q×k``): all ``min(d, k, q)`` singular values in ``S``,
-    singular vectors on request (``U(n)``, ``Vh(n)``: the leading ``n``, all by default). ``L`` and ``R`` stay
-    available as ``.L`` and ``.R``; ``S_cpu`` is ``S`` on the host (one copy per batch), for rank decisions and stats
-    that would otherwise wait on the GPU once per layer.
+    """The thin SVD of ``M = L @ R`` by one route (see the module notes): the singular values in ``S``
+    (``min(d, k, q)`` of them, or the sketch's width), singular vectors on request (``U(n)``, ``Vh(n)``: the
+    leading ``n``, all by default). ``L`` and ``R`` stay available as ``.L`` and ``.R`` (a factorization of the
+    matrix decomposed); ``S_cpu`` is ``S`` on the host (one copy per batch), for rank decisions and stats that would
+    otherwise wait on the GPU once per layer. ``route`` names the route taken; ``error`` is the estimated relative
+    error ``‖M − U S Vh‖_F / ‖M‖_F`` of the sketch (0 for the exact routes: round-off only).
 
-    ``kind="factored"`` (exact, never forms ``L @ R``): Householder QR of ``L`` and ``Rᵀ`` and the SVD of the
-    small core ``T_L T_Rᵀ``; ``U(n)``/``Vh(n)`` apply the implicit ``Q`` to ``n`` core vectors. It takes a
-    batch as well (``L: b×d×q``, ``R: b×q×k``): ``svd[i]`` is layer ``i``.
-    ``"dense"`` (exact SVD of the dense matrix) and ``"randomized"`` (``torch.svd_lowrank`` on it, as
-    published code does) are there for parity and benchmarks (one matrix at a time).
+    ``sketch``: the sketch's options; ``widest_term``: the largest ``r_i`` (sizes the sketch's first block).
     """
 
-    def __init__(self, L: Tensor, R: Tensor, kind: str = "factored"):
+    def __init__(self, L: Tensor, R: Tensor, kind: str = "factored", *, sketch: SketchOptions | None = None,
+                 widest_term: int | None = None):
         if kind not in SVD_KINDS:
             raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
-        self.L, self.R = L, R
+        d, q, k = L.shape[-2], L.shape[-1], R.shape[-1]
+        if kind == "auto":
+            kind = exact_route(d, k, q)
+        self.L, self.R, self.route = L, R, kind
+        self._left = self._right = self._norms = None
+        self._error = torch.zeros(L.shape[:-2], dtype=torch.float64)
+        self.converged = True
         if kind == "factored":
             self._left = torch.geqrf(L)
             self._right = torch.geqrf(R.mT)
             core = _triangle(self._left[0]) @ _triangle(self._right[0]).mT
             self._U, self.S, self._Vh = torch.linalg.svd(core, full_matrices=False)
+        elif kind == "sketch":
+            Q, B, self._error, self.converged = range_of(L, R, sketch or SketchOptions(), widest_term or q)
+            U, self.S, self._Vh = torch.linalg.svd(B, full_matrices=False)
+            self._U = Q @ U
         else:
             if L.ndim != 2:
                 raise ValueError(f"the {kind} svd takes one matrix at a time, got a batch of {L.shape[0]}")
-            self._left = self._right = None
             route = dense_svd if kind == "dense" else randomized_svd
-            self._U, self.S, self._Vh = route(L @ R, min(L.shape[0], L.shape[1], R.shape[1]))
+            self._U, self.S, self._Vh = route(L @ R, min(d, k, q))
         self.S_cpu = self.S.cpu()
 
+    @classmethod
+    def of_range(cls, Q: Tensor, B: Tensor, error: Tensor, route: str = "sketch") -> ProductSVD:
+        """The SVD of ``Q @ B`` (``Q`` orthonormal, ``d×ℓ``) as a sketch's result; ``L, R = Q, B``."""
+        svd = object.__new__(cls)
+        svd.L, svd.R, svd.route, svd._error, svd.converged = Q, B, route, error, True
+        svd._left = svd._right = svd._norms = None
+        U, svd.S, svd._Vh = torch.linalg.svd(B, full_matrices=False)
+        svd._U = Q @ U
+        svd.S_cpu = svd.S.cpu()
+        return svd
+
+    @classmethod
+    def of_dense(cls, M: Tensor, norms: tuple[float, float]) -> ProductSVD:
+        """The exact SVD of a dense ``M`` (an accumulated sum); ``L, R = U S, Vh``. ``norms`` stands in for
+        ``factor_norms`` (the size of the terms the sum was formed from, which sets its round-off)."""
+        svd = object.__new__(cls)
+        svd._U, svd.S, svd._Vh = torch.linalg.svd(M, full_matrices=False)
+        svd.L, svd.R, svd.route, svd.converged = svd._U * svd.S, svd._Vh, "dense", True
+        svd._error = torch.zeros((), dtype=torch.float64)
+        svd._left = svd._right = None
+        svd._norms = norms
+        svd.S_cpu = svd.S.cpu()
+        return svd
+
+    @property
+    def error(self) -> float:
+        """The estimated relative error of one matrix's SVD (see the class notes)."""
+        return float(self._error)
+
+    @property
+    def energy(self) -> float:
+        """``‖M‖_F² = Σ σ²`` of one matrix, including what a sketch's components miss (estimated from ``error``:
+        ``‖M‖² = ‖M̃‖² + error² ‖M‖²``)."""
+        captured = float((self.S_cpu.double() ** 2).sum())
+        return captured / (1.0 - min(self.error, 0.5) ** 2)
+
     def __getitem__(self, index: int) -> ProductSVD:
-        """Layer ``index`` of a batched SVD (views of the batch's tensors; nothing is recomputed)."""
+        """Matrix ``index`` of a batched SVD (views of the batch's tensors; nothing is recomputed)."""
         part = object.__new__(ProductSVD)
-        part.L, part.R, part.S, part.S_cpu, part._U, part._Vh = (
-            x[index] for x in (self.L, self.R, self.S, self.S_cpu, self._U, self._Vh))
-        part._left, part._right = ((r[index], tau[index]) for r, tau in (self._left, self._right))
+        part.L, part.R, part.S, part.S_cpu, part._U, part._Vh, part._error = (
+            x[index] for x in (self.L, self.R, self.S, self.S_cpu, self._U, self._Vh, self._error))
+        part.route, part.converged, part._norms = self.route, self.converged, None
+        part._left, part._right = (None, None) if self._left is None else (
+            (r[index], tau[index]) for r, tau in (self._left, self._right))
         return part
 
     def U(self, n: int | None = None) -> Tensor:
@@ -123,35 +184,11 @@ class ProductSVD:
 
     def factor_norms(self) -> tuple[float, float]:
         """``‖L‖₂`` and ``‖R‖₂`` of one matrix's factors (from the QRs' small triangular factors when there are)."""
+        if self._norms is not None:
+            return self._norms
         if self._left is None:
             return spectral_norm(self.L), spectral_norm(self.R)
         return spectral_norm(_triangle(self._left[0])), spectral_norm(_triangle(self._right[0]))
-
-
-def svds(terms: dict[str, Terms], kind: str = "factored", batched: bool = True) -> dict[str, ProductSVD]:
-    """The ``ProductSVD`` of each layer's terms.
-
-    ``batched`` (the factored route only): the layers whose terms have the same layout are stacked straight into
-    one ``b×d×q`` / ``b×q×k`` pair and decomposed together; the results equal the per-layer route's. The layers'
-    ``svd.L`` / ``svd.R`` are then views of the batch (disjoint, contiguous).
-    """
-    if not (batched and kind == "factored"):
-        return {name: ProductSVD(*t.stacked(), kind) for name, t in terms.items()}
-    groups: dict[tuple, list[str]] = {}
-    for name, t in terms.items():
-        groups.setdefault(t.layout(), []).append(name)
-    result = {}
-    for names in groups.values():
-        first = terms[names[0]]
-        d, k = first.lefts[0].shape[0], first.rights[0].shape[1]
-        q = sum(x.shape[1] for x in first.lefts)
-        L = first.lefts[0].new_empty(len(names), d, q)
-        R = first.rights[0].new_empty(len(names), q, k)
-        for i, name in enumerate(names):
-            terms[name].stacked(out=(L[i], R[i]))
-        batch = ProductSVD(L, R)
-        result.update((name, batch[i]) for i, name in enumerate(names))
-    return result
 
 
 def factored_svd(
@@ -188,50 +225,14 @@ def svd_of_sum(
     weights: Sequence[float] | None = None,
     kind: str = "factored",
     dtype: torch.dtype = torch.float32,
+    sketch: SketchOptions | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of ``Σ w_i lefts[i] @ rights[i]`` by the chosen route; every route returns ``≤ Σ r_i`` components."""
     if kind not in SVD_KINDS:
         raise ValueError(f"unknown svd {kind!r}; choose one of {', '.join(SVD_KINDS)}")
-    svd = ProductSVD(*stack([x.to(dtype) for x in lefts], [x.to(dtype) for x in rights], weights), kind)
+    svd = ProductSVD(*stack([x.to(dtype) for x in lefts], [x.to(dtype) for x in rights], weights), kind,
+                     sketch=sketch, widest_term=max(x.shape[1] for x in lefts))
     return svd.U(), svd.S, svd.Vh()
-
-
-def numerical_rank(S: Tensor, shape: tuple[int, ...]) -> int:
-    """How many singular values are above round-off (numpy's ``matrix_rank`` rule)."""
-    if S.numel() == 0 or S[0] <= 0:
-        return 0
-    tol = S[0] * max(shape) * torch.finfo(S.dtype).eps
-    return int((S > tol).sum())
-
-
-def energy_rank(S: Tensor, rank: int, energy: float) -> int:
-    """Smallest ``r_eff ≥ rank`` whose leading components hold ``energy`` of ``Σ σ²``.
-
-    Never more than the nonzero components, so ``energy = 1`` keeps exactly the nonzero spectrum.
-    """
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"residual_energy must be in (0, 1], got {energy}")
-    nonzero = numerical_rank(S, (S.numel(),))
-    if nonzero <= rank:
-        return rank
-    if energy >= 1.0:
-        return nonzero
-    cumulative = torch.cumsum(S.double() ** 2, 0)
-    needed = int((cumulative < energy * cumulative[-1]).sum()) + 1
-    return min(max(rank, needed), nonzero)
-
-
-def lowrank_norm(left: Tensor, right: Tensor) -> float:
-    """``‖left @ right‖_F`` from the ``q×q`` core of two QRs (no cancellation, no ``d×k`` matrix)."""
-    R_left = torch.linalg.qr(left, mode="r")[1]
-    R_right = torch.linalg.qr(right.mT, mode="r")[1]
-    return float(torch.linalg.matrix_norm(R_left @ R_right.mT))
-
-
-def spectral_norm(X: Tensor) -> float:
-    """``‖X‖₂`` of a thin (or wide) matrix, from its small Gram matrix."""
-    gram = X.mT @ X if X.shape[0] >= X.shape[1] else X @ X.mT
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt()) if gram.numel() else 0.0
 
 
 def compress(delta: LowRank, svd: ProductSVD | None = None) -> LowRank:
@@ -239,7 +240,7 @@ def compress(delta: LowRank, svd: ProductSVD | None = None) -> LowRank:
 
     Besides numpy's rule (relative to ``σ_1``), components at the round-off of forming ``left @ right`` at all
     (``ε √max(d, k) ‖left‖₂ ‖right‖₂``) are dropped, so terms that cancel (``B A − B A``) compress to rank 0.
-    ``svd``: the factored ``ProductSVD`` of ``delta.left @ delta.right`` when it was already taken (``svds``).
+    ``svd``: the ``ProductSVD`` of ``delta.left @ delta.right`` when it was already taken (``decompose``).
     """
     if delta.rank == 0:
         return delta
