@@ -235,7 +235,7 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, monkeypatch):
     assert result.exit_code == 143 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1] == (f"interrupted by SIGTERM; continue with "
                                                       f"`fedmomentum run --resume {out}`")
-    assert checkpoint.load(out / driver.CHECKPOINT).round == 1
+    assert checkpoint.load(out / driver.CHECKPOINT)[0].rounds_done == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
     result = invoke("run", "--resume", out)
     assert result.exit_code == 0, result.output
