@@ -265,7 +265,7 @@ def test_sigterm_to_the_installed_command(tmp_path):
             process.kill()
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == f"interrupted by SIGTERM; continue with `fedmomentum run --resume {out}`"
-    assert checkpoint.load(out / driver.CHECKPOINT).round >= 1
+    assert checkpoint.load(out / driver.CHECKPOINT)[0].rounds_done >= 1
 
 
 # --- typed config --------------------------------------------------------------------------------------------
