@@ -26,6 +26,7 @@ from .data import (
 )
 from .models import load_model, resolve_dtype
 from .peft_io import add_lora, scaling
+from .quantization import Quantization, prepare_for_training, quantize
 
 
 @dataclass
@@ -41,14 +42,33 @@ class Setup:
     accuracy_examples: dict[str, list[Example]]
 
 
-def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
-    """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, wrapped with the run's
-    seeded LoRA adapter (float32 factors whatever the base's dtype: PEFT upcasts them)."""
+def quantization_of(config: RunConfig) -> Quantization | None:
+    """The run's ``Quantization`` (None: an unquantized base); ``compute_dtype`` auto is the base's ``dtype``."""
+    if config.quantization == "none":
+        return None
     dtype = resolve_dtype(config.dtype, config.device)
+    compute = dtype if config.compute_dtype == "auto" else resolve_dtype(config.compute_dtype, config.device)
+    return Quantization(config.quantization, compute_dtype=compute, double_quant=config.double_quant)
+
+
+def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
+    """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, quantized as the config
+    says (then prepared for k-bit training, PEFT's way), wrapped with the run's seeded LoRA adapter (float32 factors
+    whatever the base's dtype: PEFT upcasts them)."""
+    dtype, quantization = resolve_dtype(config.dtype, config.device), quantization_of(config)
     if model is None:
-        model, tokenizer = load_model(config.model, device=config.device, dtype=dtype)
+        model, tokenizer = load_model(config.model, device=config.device, dtype=dtype, quantization=quantization)
+    elif quantization is not None:
+        if getattr(model, "is_quantized", False):
+            raise ValueError("the model given is quantized already; give it unquantized (the config's quantization "
+                             "quantizes it)")
+        model = quantize(model, quantization, config.device, dtype)
     elif model.dtype != dtype:
         model.to(dtype)
+    if quantization is not None:
+        model = prepare_for_training(model, config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
                      dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
     return model, tokenizer

@@ -24,7 +24,7 @@ DEFAULT_CLIENTS_PER_ROUND = 4  # or every client, when there are fewer
 # What a resumed run may change: where it is, what it exports, how often and how much it evaluates, its device and
 # how many rounds it runs. Anything else would change the training a checkpoint holds.
 MAY_CHANGE_ON_RESUME = ("out", "rounds", "export_merged", "export_rank", "device", "eval_every", "accuracy_every",
-                        "accuracy_per_family", "gsm8k_eval", "max_new_tokens", "report_to")
+                        "accuracy_per_family", "gsm8k_eval", "max_new_tokens", "report_to", "gradient_checkpointing")
 
 
 @dataclass
@@ -78,6 +78,10 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"  # the base model's weights: float32 | bfloat16 | float16; auto = bfloat16 on CUDA, else float32
+    quantization: str = "none"  # none | nf4 | fp4 | int8: the base's linear layers held by bitsandbytes (QLoRA)
+    double_quant: bool = True  # nf4 / fp4: quantize the quantization constants too
+    compute_dtype: str = "auto"  # nf4 / fp4: the dtype a quantized layer computes in; auto = dtype
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     out: str = ""  # "" = runs/<method>
     export_merged: bool = False
     export_rank: int = 0  # adapter_for_original_base/: 0 = the change's numerical rank, else at most this
@@ -144,6 +148,11 @@ class RunConfig:
             (self.eval_batch_size >= 1, "eval_batch_size must be ≥ 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "dtype must be auto, float32, bfloat16 or float16"),
+            (self.quantization in ("none", "nf4", "fp4", "int8"), "quantization must be none, nf4, fp4 or int8"),
+            (self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "compute_dtype must be auto, float32, bfloat16 or float16"),
+            (self.compute_dtype == "auto" or self.quantization in ("nf4", "fp4"),
+             "compute_dtype applies to nf4 and fp4 only (int8 and unquantized layers compute in dtype)"),
         ]
         for ok, message in checks:
             if not ok:
