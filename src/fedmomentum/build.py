@@ -26,7 +26,7 @@ from .data import (
 )
 from .models import load_model, resolve_dtype
 from .peft_io import add_lora, scaling
-from .quantization import Quantization, prepare_for_training, quantize
+from .quantization import Quantization, kind_of, prepare_for_training, quantize
 
 
 @dataclass
@@ -53,22 +53,24 @@ def quantization_of(config: RunConfig) -> Quantization | None:
 
 def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
     """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, quantized as the config
-    says (then prepared for k-bit training, PEFT's way), wrapped with the run's seeded LoRA adapter (float32 factors
-    whatever the base's dtype: PEFT upcasts them)."""
+    says (then prepared for k-bit training, PEFT's way), with activation checkpointing if asked, wrapped with the run's
+    seeded LoRA adapter (float32 factors whatever the base's dtype: PEFT upcasts them)."""
     dtype, quantization = resolve_dtype(config.dtype, config.device), quantization_of(config)
+    given = "none" if model is None else kind_of(model)
     if model is None:
         model, tokenizer = load_model(config.model, device=config.device, dtype=dtype, quantization=quantization)
+    elif given != "none":  # quantized already (a benchmark's random model, quantized as it was built): used as it is
+        if given != config.quantization:
+            raise ValueError(f"the model given is quantized as {given}, but the config says quantization = "
+                             f"{config.quantization}")
     elif quantization is not None:
-        if getattr(model, "is_quantized", False):
-            raise ValueError("the model given is quantized already; give it unquantized (the config's quantization "
-                             "quantizes it)")
         model = quantize(model, quantization, config.device, dtype)
     elif model.dtype != dtype:
         model.to(dtype)
     if quantization is not None:
-        model = prepare_for_training(model, config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_for_training(model)
+    if config.gradient_checkpointing:  # non-reentrant: the frozen inputs need no gradient, dropout's RNG is replayed
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
                      dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
     return model, tokenizer

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["KINDS", "Quantization", "dequantize", "is_quantized", "prepare_for_training", "quantize",
+__all__ = ["KINDS", "Quantization", "dequantize", "is_quantized", "kind_of", "prepare_for_training", "quantize",
            "require_bitsandbytes", "settle"]
 
 KINDS = ("nf4", "fp4", "int8")
@@ -78,23 +78,41 @@ def quantize(model: PreTrainedModel, quantization: Quantization, device: str | t
     return quantized
 
 
+@torch.no_grad()
 def settle(model: torch.nn.Module) -> None:
-    """Keep a 4-bit layer's weight as it was quantized: on a CPU with AVX512-BF16, bitsandbytes repacks a weight for
-    its CPU kernel at the first forward pass without gradients and stores the scales in bfloat16 from then on, which
-    would change the model between training and evaluation (and from one CPU to another)."""
+    """Make a freshly quantized model hold only its own memory, and keep its 4-bit weights as they were quantized.
+
+    Its unquantized tensors (embeddings, norms) may still be views of the memory-mapped checkpoint file, which keeps
+    the whole file mapped, every page the quantization read included: they are copied out, so the map is released.
+    And on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first forward pass
+    without gradients and stores the scales in bfloat16 from then on, which would change the model between training
+    and evaluation (and from one CPU to another): that repacking is turned off.
+    """
+    seen = set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen and type(tensor).__name__ not in _WEIGHT_TYPES and tensor.device.type == "cpu":
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone()
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
 
 
-def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """PEFT's k-bit preparation: freeze the base, hold its unquantized weights (embeddings, norms, ``lm_head``) in
-    float32 for stable training, and, when asked, checkpoint activations (non-reentrant, so the frozen inputs need no
-    gradient)."""
+def prepare_for_training(model: PreTrainedModel) -> PreTrainedModel:
+    """PEFT's k-bit preparation: freeze the base and hold its unquantized weights (embeddings, norms, ``lm_head``) in
+    float32 for stable training. (Activation checkpointing is the run's ``gradient_checkpointing``, set apart.)"""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def kind_of(model: PreTrainedModel) -> str:
+    """How a model's linear layers are quantized (nf4 | fp4 | int8), or ``none``."""
+    settings = getattr(model.config, "quantization_config", None)
+    if settings is None or not any(is_quantized(m) for m in model.modules()):
+        return "none"
+    settings = settings if isinstance(settings, dict) else settings.to_dict()
+    return "int8" if settings.get("load_in_8bit") else str(settings.get("bnb_4bit_quant_type"))
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
