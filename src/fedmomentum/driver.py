@@ -278,7 +278,8 @@ def export(setup: Setup, out: Path, state: ServerState, backbone_changed: bool) 
 
     When the backbone changed and its whole change is known, also ``adapter_for_original_base/``: one LoRA adapter
     holding every backbone delta plus the final ``s·B·A``, for the original base model; returns its ranks and the
-    energy ``export_rank`` dropped (``None`` when not written)."""
+    energy ``export_rank`` dropped (``None`` when not written). On a quantized base, ``base/`` and ``merged/`` are the
+    dequantized base plus its change (``peft_io.export_merged``; ``quantized_exports`` says so in the summary)."""
     factors, layers = {}, {}
     if backbone_changed and state.change is not None:
         factors, layers = whole_change(state.change.deltas, state.lora, setup.scaling,

@@ -13,6 +13,7 @@ The output embedding (``lm_head``, tied or not) stays unquantized, as transforme
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -70,7 +71,10 @@ def quantize(model: PreTrainedModel, quantization: Quantization, device: str | t
     """A quantized copy of an in-memory model, on ``device``; its other weights (embeddings, norms, ``lm_head``) in
     ``dtype`` (default: the model's). Loaded from the model's state dict by transformers, as a folder would be."""
     require_bitsandbytes(quantization.kind)
-    quantized = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # a GGUF file's, say: the model in memory is plain floats
+        del config.quantization_config
+    quantized = type(model).from_pretrained(None, config=config, state_dict=model.state_dict(),
                                             quantization_config=quantization.bnb_config(),
                                             device_map=str(torch.device(device)), dtype=dtype or model.dtype)
     settle(quantized)
