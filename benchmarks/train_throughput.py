@@ -80,19 +80,22 @@ def parse_args(argv=None):
 
 
 class Timer:
-    """Wall seconds of each named part, synchronising the GPU at both ends."""
+    """Wall seconds of each named part, synchronising the GPU at both ends, and the process's CPU seconds in it (on a
+    shared machine, CPU time per token does not depend on what else runs there; wall time does)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.parts: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self.sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
         self.sync()
         self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
 
     def sync(self):
         if self.device.type == "cuda":
@@ -126,7 +129,7 @@ def tensor_bytes(tensors) -> int:
 def held(setup, state) -> dict[str, float]:
     """What the run holds, counted, in GiB: the base's weights as stored (a quantized layer's packed data and its
     quantization constants), the float32 masters of low-precision weights, the backbone change (factored, float32),
-    the LoRA factors, and AdamW's two moments of them (float32; while a client trains)."""
+    the LoRA factors, their gradients and AdamW's two moments (float32; while a client trains)."""
     base = setup.model.get_base_model()
     weights = tensor_bytes(v for k, v in base.state_dict().items() if "lora_" not in k)
     own = {layer.get_base_layer().weight.data_ptr() for layer in lora_layers(setup.model).values()}
@@ -135,7 +138,7 @@ def held(setup, state) -> dict[str, float]:
     change = tensor_bytes(t for delta in deltas for t in (delta.left, delta.right))
     lora = tensor_bytes(p for n, p in setup.model.named_parameters() if "lora_" in n)
     return {"weights_gib": weights / 2**30, "masters_gib": masters / 2**30, "change_gib": change / 2**30,
-            "lora_gib": lora / 2**30, "adamw_gib": 2 * lora / 2**30}
+            "lora_gib": lora / 2**30, "gradients_gib": lora / 2**30, "adamw_gib": 2 * lora / 2**30}
 
 
 def tokens_of_round(config: RunConfig, engine, t: int) -> tuple[int, int]:
@@ -162,6 +165,7 @@ def measure(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     dtype = resolve_dtype(args.dtype, device)
+    baseline_gib = memory_now_gib(device)  # the interpreter, torch and the libraries, before any model
     out = Path(tempfile.mkdtemp(prefix="fedmomentum-throughput-"))
     config = RunConfig(method=args.method, rounds=args.rounds, clients=max(8, args.clients_per_round),
                        clients_per_round=args.clients_per_round, local_steps=args.local_steps,
@@ -221,6 +225,7 @@ def measure(args) -> dict:
         row = {"round": t, **{f"{k}_s": v for k, v in timer.parts.items()},
                "round_s": sum(timer.parts.values()), "train_tokens": real, "train_tokens_padded": padded,
                "tokens_per_s": real / timer.parts["train"], "padded_tokens_per_s": padded / timer.parts["train"],
+               "train_cpu_s": timer.cpu["train"], "tokens_per_cpu_s": real / timer.cpu["train"],
                "peak_memory_gib": peak_memory_gib(device), "train_loss": sum(trained.losses) / len(trained.losses)}
         rows.append(row)
         print(f"{row['round']:>5} {row['train_s']:8.2f} {row['tokens_per_s']:9.0f} {row['padded_tokens_per_s']:9.0f} "
@@ -233,13 +238,21 @@ def measure(args) -> dict:
     print("\nlast round's split: " + ", ".join(f"{part} {share:.0%}" for part, share in split.items()))
     memory = "GPU max allocated" if device.type == "cuda" else "peak RSS"
     counted, peak = held(setup, state), max(r["peak_memory_gib"] for r in rows)
-    print(f"{memory}: {peak:.2f} GiB; after loading and setup: {loaded_gib:.2f} GiB; held, counted: "
-          + ", ".join(f"{key.removesuffix('_gib')} {value:.4f} GiB" for key, value in counted.items()))
+    # the rest of the peak: activations kept for the backward pass, temporaries, the data, allocator slack
+    rest = peak - baseline_gib - sum(counted.values())
+    print(f"{memory}: {peak:.2f} GiB; before the model: {baseline_gib:.2f} GiB; after loading and setup: "
+          f"{loaded_gib:.2f} GiB; held, counted: "
+          + ", ".join(f"{key.removesuffix('_gib')} {value:.4f} GiB" for key, value in counted.items())
+          + f"; the rest (activations, temporaries): {rest:.2f} GiB")
+    if device.type == "cpu":
+        print(f"training: {steady['tokens_per_cpu_s']:.1f} tokens per CPU second ({steady['train_cpu_s']:.1f} CPU s, "
+              f"{steady['train_s']:.1f} s wall)")
     summary = {"shape": args.shape, "model": args.model, "parameters": params, "device": device.type,
                "device_name": where, "dtype": str(dtype), "quantization": args.quantization,
                "gradient_checkpointing": args.gradient_checkpointing, "method": args.method,
-               "torch": torch.__version__, "build_s": built, "prepare_s": prepared, "loaded_gib": loaded_gib,
-               "peak_memory_gib": peak, **counted, "rounds": rows, "last_round_split": split,
+               "torch": torch.__version__, "build_s": built, "prepare_s": prepared, "baseline_gib": baseline_gib,
+               "loaded_gib": loaded_gib, "peak_memory_gib": peak, **counted, "rest_gib": rest, "rounds": rows,
+               "last_round_split": split,
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}}
     write_json(args.json, summary)
     return summary
@@ -283,18 +296,22 @@ def compare(args, argv: list[str]) -> dict:
             subprocess.run(command, check=True)
             results[setting] = json.loads(path.read_text())
     first, reference = results[args.compare[0]], args.compare[0]
-    memory = "GPU max allocated" if first["device"] == "cuda" else "peak RSS"
-    print(f"\n| setting | {memory}, GiB | × {reference} | after loading, GiB | weights | masters | change | "
-          f"LoRA + AdamW | train tokens/s | × {reference} | a round, s |")
+    cpu = first["device"] == "cpu"
+    memory = "peak RSS" if cpu else "GPU max allocated"
+    speed = "train tokens per CPU s" if cpu else "train tokens/s"
+    print(f"\n| setting | {memory}, GiB | × {reference} | weights | masters | change | LoRA state | the rest | "
+          f"{speed} | × {reference} | a round, s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rate = "tokens_per_cpu_s" if cpu else "tokens_per_s"
     for setting, result in results.items():
         last, first_last, peak = result["rounds"][-1], first["rounds"][-1], result["peak_memory_gib"]
-        print(f"| {setting} | {peak:.2f} | {peak / first['peak_memory_gib']:.2f} | {result['loaded_gib']:.2f} "
-              f"| {result['weights_gib']:.3f} | {result['masters_gib']:.3f} | {result['change_gib']:.4f} "
-              f"| {result['lora_gib'] + result['adamw_gib']:.4f} "
-              f"| {last['tokens_per_s']:.0f} | {last['tokens_per_s'] / first_last['tokens_per_s']:.2f} "
-              f"| {last['round_s']:.1f} |")
-    print("(weights, masters, change, LoRA + AdamW: GiB held, counted from the tensors)")
+        state = result["lora_gib"] + result["gradients_gib"] + result["adamw_gib"]
+        print(f"| {setting} | {peak:.2f} | {peak / first['peak_memory_gib']:.2f} | {result['weights_gib']:.3f} "
+              f"| {result['masters_gib']:.3f} | {result['change_gib']:.4f} | {state:.4f} | {result['rest_gib']:.2f} "
+              f"| {last[rate]:.1f} | {last[rate] / first_last[rate]:.2f} | {last['round_s']:.1f} |")
+    print("(GiB. weights, masters, change and LoRA state (factors, gradients, AdamW's moments) are counted from the "
+          "tensors; the rest is the peak less those and less what the process held before the model: activations, "
+          f"temporaries, data. A round's time is wall time{', under whatever else the machine ran' if cpu else ''}.)")
     summary = {"settings": results}
     write_json(args.json, summary)
     return summary
