@@ -39,7 +39,7 @@ EPS = torch.finfo(torch.float32).eps
 
 def logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.cpu()
 
 
 IDS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -168,16 +168,17 @@ def requantize(weight, kind="nf4"):
     return bnbf.dequantize_4bit(packed, state).float()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("method", ["fedmomentum", "flora", "fedex-lora", "frlora"])
 def test_a_quantized_base_equals_the_dequantized_float32_base_fed_the_same_updates_over_12_rounds(
-        method, tiny_model, small_config, tmp_path):
+        method, device, tiny_model, small_config, tmp_path):
     """Twelve rounds of the same updates through the driver (``driver.start``, ``driver.advance``) into an NF4 base,
     whose change is a branch beside its weights, and into the float32 base ``dequantize(quantized(W₀))``, whose
     weights take the deltas: the same backbone and the same logits to float32 tolerance. Re-quantizing the sum
     after each merge instead loses the deltas (they are far below a 4-bit step) and drifts."""
-    config = small_config(tmp_path, method=method, quantization="nf4", lora_r=4, lora_alpha=8)
+    config = small_config(tmp_path, method=method, quantization="nf4", lora_r=4, lora_alpha=8, device=device)
     ours = setup_for(config, copy.deepcopy(tiny_model[0]), tiny_model[1])
-    reference_model = dequantized_copy(tiny_model[0], ours.model.get_base_model())
+    reference_model = dequantized_copy(tiny_model[0], ours.model.get_base_model()).to(device)
     reference = setup_for(config.replace(quantization="none"), reference_model, tiny_model[1])
     engine = driver.Engine()
     state, ref_state = driver.start(ours, engine), driver.start(reference, engine)
