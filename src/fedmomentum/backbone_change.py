@@ -19,26 +19,38 @@ class BackboneChange:
     """The sum of every backbone delta applied so far, per layer, as concatenated factors.
 
     Adding is a concatenation; a layer's factors are cut back to their numerical rank (``linalg.compress``, cost
-    ``O((d+k) q²)`` for width ``q``) only when their width has doubled since the last cut, so the cost per round
-    stays a small share of the aggregation and the width stays within twice the change's rank.
+    ``O((d+k) q²)`` for width ``q``) only when their width has grown by ``slack`` times since the last cut: by default
+    when it has doubled, so the cost per round stays a small share of the aggregation and the width stays within
+    twice the change's rank. A change that quantized layers compute with in every forward pass (``change_branch.py``)
+    is kept tighter (``keep_tight``): there the width costs ``2 q (d+k)`` operations per token, far more than a cut.
     """
 
-    def __init__(self, deltas: dict[str, LowRank] | None = None):
+    def __init__(self, deltas: dict[str, LowRank] | None = None, *, slack: float = 2.0):
         self.deltas: dict[str, LowRank] = {}
         self._cut: dict[str, int] = {}  # width after each layer's last cut
+        self.slack = slack
         self.add(deltas or {})
 
     def add(self, deltas: dict[str, LowRank]) -> None:
         for name, delta in deltas.items():
             delta = delta.to("cpu", torch.float32)
             total = self.deltas[name] + delta if name in self.deltas else delta
-            if total.rank > max(2 * self._cut.get(name, 0), MIN_CUT):
+            if total.rank > max(self.slack * self._cut.get(name, 0), MIN_CUT):
                 total = compress(total)
                 self._cut[name] = total.rank
             self.deltas[name] = total
 
+    def keep_tight(self) -> None:
+        """Cut a layer once its width exceeds its rank at the last cut by ``TIGHT_SLACK``, and now."""
+        self.slack = TIGHT_SLACK
+        for name, delta in self.deltas.items():
+            if delta.rank > MIN_CUT and delta.rank > self._cut.get(name, 0):
+                self.deltas[name] = compress(delta)
+                self._cut[name] = self.deltas[name].rank
+
 
 MIN_CUT = 32  # below this width, factors are not worth cutting
+TIGHT_SLACK = 1.25
 
 
 def whole_change(change: dict[str, LowRank], lora: dict[str, LoraPair], scaling: float,

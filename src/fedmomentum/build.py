@@ -26,6 +26,8 @@ from .data import (
 if TYPE_CHECKING:  # the model parts import torch when used, so a plan of the data (``client_examples``) does not
     from peft import PeftModel
 
+    from .quantization import Quantization
+
 
 @dataclass
 class Setup:
@@ -43,17 +45,42 @@ class Setup:
     client_mixtures: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def quantization_of(config: RunConfig) -> Quantization | None:
+    """The run's ``Quantization`` (None: an unquantized base); ``compute_dtype`` auto is the base's ``dtype``."""
+    if config.quantization == "none":
+        return None
+    from .models import resolve_dtype
+    from .quantization import Quantization
+
+    dtype = resolve_dtype(config.dtype, config.device)
+    compute = dtype if config.compute_dtype == "auto" else resolve_dtype(config.compute_dtype, config.device)
+    return Quantization(config.quantization, compute_dtype=compute, double_quant=config.double_quant)
+
+
 def peft_model(config: RunConfig, model=None, tokenizer=None) -> tuple[PeftModel, object]:
-    """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, wrapped with the run's
+    """The base model (loaded from ``config.model`` unless given) in the config's ``dtype``, quantized as the config
+    says (then prepared for k-bit training, PEFT's way), with activation checkpointing if asked, wrapped with the run's
     seeded LoRA adapter (float32 factors whatever the base's dtype: PEFT upcasts them)."""
     from .models import load_model, resolve_dtype
     from .peft_io import add_lora
+    from .quantization import kind_of, prepare_for_training, quantize
 
-    dtype = resolve_dtype(config.dtype, config.device)
+    dtype, quantization = resolve_dtype(config.dtype, config.device), quantization_of(config)
+    given = "none" if model is None else kind_of(model)
     if model is None:
-        model, tokenizer = load_model(config.model, device=config.device, dtype=dtype)
+        model, tokenizer = load_model(config.model, device=config.device, dtype=dtype, quantization=quantization)
+    elif given != "none":  # quantized already (a benchmark's random model, quantized as it was built): used as it is
+        if given != config.quantization:
+            raise ValueError(f"the model given is quantized as {given}, but the config says quantization = "
+                             f"{config.quantization}")
+    elif quantization is not None:
+        model = quantize(model, quantization, config.device, dtype)
     elif model.dtype != dtype:
         model.to(dtype)
+    if quantization is not None:
+        model = prepare_for_training(model)
+    if config.gradient_checkpointing:  # non-reentrant: the frozen inputs need no gradient, dropout's RNG is replayed
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.target_modules,
                      dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed)
     return model, tokenizer

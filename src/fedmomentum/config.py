@@ -34,6 +34,8 @@ Partition = Literal[SCHEMES]  # type: ignore[valid-type]
 DataFormat = Literal[("", *FORMATS)]  # type: ignore[valid-type]  # "" = detect per file
 LrSchedule = Literal["constant", "cosine", "linear"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+QuantizationKind = Literal["none", "nf4", "fp4", "int8"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 NOT_EMPTY = Rule("non-empty", bool)
 
 # Other libraries' names for the keys, for the "did you mean" of an unknown one.
@@ -125,6 +127,12 @@ class RunConfig(TrainConfig):
     seed: int = key(0, "seed of data, partition, sampling and initialisation", at_least(0))
     device: str = key("cpu", "cpu, cuda or cuda:N", may_change=True)
     dtype: ModelDtype = key("auto", "the base model's weights (auto: bfloat16 on CUDA, float32 on CPU)")
+    quantization: QuantizationKind = key("none", "the base's linear layers held by bitsandbytes (QLoRA): none, nf4, "
+                                                 "fp4 or int8")
+    double_quant: bool = key(True, "nf4 / fp4: quantize the quantization constants too")
+    compute_dtype: ComputeDtype = key("auto", "nf4 / fp4: the dtype a quantized layer computes in (auto: dtype)")
+    gradient_checkpointing: bool = key(False, "recompute activations in the backward pass: less memory, more time",
+                                       may_change=True)
     out: str = key("", "output folder ('': runs/<method>)", may_change=True)
     export_merged: bool = key(False, "also save the full model with the adapter merged in (merged/)", may_change=True)
     export_rank: int = key(0, "rank cap of adapter_for_original_base/ (0: the change's numerical rank)", at_least(0),
@@ -166,6 +174,8 @@ class RunConfig(TrainConfig):
             (self.families or self.jsonl or self.data or self.client_data,
              "give at least one task family, data file or client_data folder"),
             (all(p for p in self.data), "data must be a list of file or folder paths"),
+            (self.compute_dtype == "auto" or self.quantization in ("nf4", "fp4"),
+             "compute_dtype applies to nf4 and fp4 only (int8 and unquantized layers compute in dtype)"),
         ]
         for ok, message in checks:
             if not ok:

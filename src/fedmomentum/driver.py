@@ -22,12 +22,13 @@ from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .config import MAY_CHANGE_ON_RESUME, differences
 from .evaluate import evaluate
-from .models import DEFAULT_MODEL_ID
+from .models import DEFAULT_MODEL_ID, resolve_dtype
 from .momentum import measure
 from .peft_io import (
     ADAPTER,
     BackboneWeights,
     apply_backbone,
+    attach_change,
     backbone_of,
     export_adapter,
     export_merged,
@@ -197,6 +198,7 @@ def start(setup: Setup, engine: Engine) -> ServerState:
     """The state before round 1; a method that initialises from the backbone (FRLoRA) changes the adapter and the
     backbone first."""
     state = ServerState(0, get_lora(setup.model), backbone=backbone_of(setup.model), change=BackboneChange())
+    attach_change(setup.model, state.change)  # a quantized layer computes its change beside its weight
     if not setup.method.uses_backbone:
         return state
     result = setup.method.checked_start(state.lora, BackboneWeights(setup.model), scaling=setup.scaling)
@@ -222,6 +224,7 @@ def restore(setup: Setup, out: Path) -> tuple[ServerState, float]:
                          f"{state.rounds_done}")
     set_lora(setup.model, state.lora)
     state = replace(state, backbone=set_backbone(setup.model, state.backbone))
+    attach_change(setup.model, state.change)
     seconds = info.get("seconds", 0.0)
     return state, float(seconds) if isinstance(seconds, int | float) else 0.0
 
@@ -240,6 +243,9 @@ def finish(setup: Setup, engine: Engine, state: ServerState, rows: list[dict], s
             f"energy dropped {exported['energy_dropped']:.3g}")
     elif backbone_changed:
         log(f"no {FOR_ORIGINAL_BASE}/: the checkpoint this run resumed from did not track the backbone's change")
+    notes = quantized_exports(setup, backbone_changed)
+    if notes:
+        summary["exports_of_quantized_base"] = notes
     rundir.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -283,7 +289,8 @@ def export(setup: Setup, out: Path, state: ServerState, backbone_changed: bool) 
 
     When the backbone changed and its whole change is known, also ``adapter_for_original_base/``: one LoRA adapter
     holding every backbone delta plus the final ``s·B·A``, for the original base model; returns its ranks and the
-    energy ``export_rank`` dropped (``None`` when not written)."""
+    energy ``export_rank`` dropped (``None`` when not written). On a quantized base, ``base/`` and ``merged/`` are the
+    dequantized base plus its change (``peft_io.export_merged``; ``quantized_exports`` says so in the summary)."""
     factors, layers = {}, {}
     if backbone_changed and state.change is not None:
         factors, layers = whole_change(state.change.deltas, state.lora, setup.scaling,
@@ -313,3 +320,23 @@ def export(setup: Setup, out: Path, state: ServerState, backbone_changed: bool) 
     return {"rank": max(layer["rank"] for layer in layers.values()), "layers": len(layers),
             "mean_rank": sum(layer["rank"] for layer in layers.values()) / len(layers),
             "energy_dropped": dropped / energy if energy > 0 else 0.0}
+
+
+def quantized_exports(setup: Setup, backbone_changed: bool) -> dict | None:
+    """For the summary of a run on a quantized base: what each export is (none of them is quantized)."""
+    config = setup.config
+    kind = config.quantization
+    if kind == "none":
+        return None
+    dtype = str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")
+    change = " plus the backbone change" if backbone_changed else ""
+    notes = {"quantization": kind,
+             "adapter": "for base/" if backbone_changed else f"for the original base (trained on its {kind} "
+                                                              "quantization)"}
+    if backbone_changed:
+        notes["base"] = f"the dequantized {kind} base plus the backbone change, unquantized, in {dtype}"
+        notes[FOR_ORIGINAL_BASE] = (f"for the unquantized original base: the run trained on its {kind} quantization, "
+                                    "so on the original the model differs by that quantization's error")
+    if config.export_merged:
+        notes["merged"] = f"the dequantized {kind} base{change} with the adapter merged, unquantized, in {dtype}"
+    return notes

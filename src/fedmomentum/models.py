@@ -7,6 +7,9 @@ subfolder ``smollm2-135m-instruct``; later calls read the cache in about a secon
 
 ``tiny_model()`` builds a small random Llama with the SmolLM2 tokenizer, for tests; ``random_model(shape)`` one of a
 real size (``135m``, ``1b``, ``7b``), straight on the device and in the dtype asked, to time and size the GPU path.
+
+Any of them can be loaded with its linear layers quantized by bitsandbytes (``quantization``: a
+``quantization.Quantization``; see that module).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .quantization import Quantization, quantize, settle
 
 __all__ = [
     "DEFAULT_CACHE_NAME",
@@ -231,6 +236,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: Quantization | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, offline.
 
@@ -239,17 +245,30 @@ def load_model(
     (or a ``.gguf`` file, loaded without caching). The model is returned in eval mode; the tokenizer always
     has a pad token (eos when it had none). ``path="tiny"`` is ``tiny_model(0)`` (for tests and quick runs: the
     Flower ClientApps build the same random model in every process).
+
+    With ``quantization``, the linear layers (all but the output embedding) are quantized by bitsandbytes as they are
+    loaded, on ``device``; the other weights are in ``dtype``.
     """
     if path == TINY:
         model, tokenizer = tiny_model(0)
+        if quantization is not None:
+            return quantize(model, quantization, device, dtype), tokenizer
         model.to(device=device, dtype=dtype)
         return model, tokenizer
     folder, gguf_file = _resolve(path)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **_source(gguf_file))
+    quantized = quantization is not None and gguf_file is None  # a GGUF file is dequantised first, then quantized
+    extra = {"quantization_config": quantization.bnb_config(), "device_map": str(torch.device(device))} \
+        if quantized else {}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **_source(gguf_file), **extra)
     tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), **_source(gguf_file)))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if quantized:
+        settle(model)
+    elif quantization is not None:
+        model = quantize(model, quantization, device, dtype)
+    else:
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -269,10 +288,12 @@ def random_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     tokenizer: str | os.PathLike | None = None,
+    quantization: Quantization | None = None,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """A random-init Llama of a named shape (``SHAPES``), built on ``device`` in ``dtype`` (no float32 copy on the
     host first), with the tokenizer in the folder ``tokenizer`` (default: SmolLM2's). Its loss means nothing; it is
-    for speed, memory and "does it run"."""
+    for speed, memory and "does it run". With ``quantization`` it is built in host memory, then quantized onto
+    ``device`` layer by layer."""
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
     hidden, layers, heads, kv_heads, intermediate, tied = SHAPES[shape]
@@ -285,9 +306,12 @@ def random_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+    built_on = torch.device("cpu") if quantization is not None else device
+    with torch.random.fork_rng(devices=[built_on] if built_on.type == "cuda" else []), built_on:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantization is not None:
+        model = quantize(model, quantization, device)
     model.eval()
     return model, tokenizer
 

@@ -16,6 +16,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from .backbone_change import BackboneChange
+from .change_branch import ChangeBranch
+from .quantization import dequantize, is_quantized
 from .types import LoraPair, LowRank
 
 ADAPTER = "default"
@@ -142,11 +145,55 @@ def _oriented(layer: LoraLayer, delta: LowRank) -> LowRank:
 # low-precision weight. Deltas are added to that tensor, and the stored weight is the master rounded once, so the
 # model never drifts from the float32 backbone. Layers that never receive a delta (every layer of fedit, ffa-lora,
 # rolora, flexlora) and float32 weights need no copy; checkpoints carry the mapping, exports round it once.
+#
+# A quantized layer (4-bit or int8, ``quantization.py``) is not in the mapping: a master would undo the memory its
+# quantization saves, and its weight is never rewritten. Its change is a frozen factored branch beside the weight
+# (``change_branch.py``), read from a ``BackboneChange`` attached to the model (``attach_change``): the server's
+# ``ServerState.change``, a node's own. The caller adds each round's deltas to that ``BackboneChange`` as well as
+# calling ``apply_backbone``.
+
+
+def quantized_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """The adapted layers whose base weight is quantized."""
+    return {name: layer for name, layer in lora_layers(model).items() if is_quantized(layer.get_base_layer())}
 
 
 def backbone_of(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapted layers' backbone as the model holds it now: each layer's own weight tensor (no copy)."""
-    return {name: layer.get_base_layer().weight.data for name, layer in lora_layers(model).items()}
+    """The adapted layers' backbone as the model holds it now: each unquantized layer's own weight tensor (no copy)."""
+    return {name: layer.get_base_layer().weight.data for name, layer in lora_layers(model).items()
+            if not is_quantized(layer.get_base_layer())}
+
+
+def attach_change(model: PeftModel, change: BackboneChange | None) -> None:
+    """Make the model's quantized layers compute their backbone change, ``change.deltas``, beside their quantized
+    weights from now on (again with another ``change``: a restored checkpoint's). Nothing to do on a model without
+    quantized layers; on one with, ``change`` None (a change not tracked) is an error."""
+    quantized = quantized_layers(model)
+    if not quantized:
+        return
+    if change is None:
+        raise ValueError("a quantized base needs the backbone's whole change (its quantized layers compute it "
+                         "beside their weights), and this state does not track it")
+    change.keep_tight()  # its width is computed in every forward pass
+    branch = _branch(model)
+    if branch is None:
+        branch = ChangeBranch(change)
+        model.__dict__[_BRANCH] = branch  # not a submodule, not a parameter: nothing of it is saved with the model
+    else:
+        branch.use(change)
+    branch.attach({name: layer.get_base_layer() for name, layer in quantized.items()})
+
+
+_BRANCH = "_fedmomentum_change_branch"
+
+
+def _branch(model: PeftModel) -> ChangeBranch | None:
+    return model.__dict__.get(_BRANCH)
+
+
+def _shape(layer: LoraLayer) -> tuple[int, int]:
+    """The ``out×in`` shape of the layer's weight (a quantized weight is stored packed)."""
+    return layer.out_features, layer.in_features
 
 
 @torch.no_grad()
@@ -155,17 +202,25 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank], backbone: dict[
 
     ``backbone`` is the model's backbone mapping (``backbone_of``, or what ``set_backbone`` returned): a
     low-precision weight gets a float32 master copy in it on its first delta; the delta goes into the master, the
-    weight becomes the master rounded once.
+    weight becomes the master rounded once. A quantized layer is left as it is: its change comes from the
+    ``BackboneChange`` attached to the model (``attach_change``), to which the caller adds the same deltas.
     """
     layers = lora_layers(model)
     unknown = sorted(set(deltas) - set(layers))
     if unknown:
         raise ValueError(f"backbone deltas for layers the model does not adapt: {unknown[:3]}")
+    branch = _branch(model)
     for name, delta in deltas.items():
-        weight = layers[name].get_base_layer().weight
-        stored = _oriented(layers[name], delta)
-        if weight.shape != stored.shape:
-            raise ValueError(f"layer {name!r}: backbone delta {delta.shape} does not fit weight {tuple(weight.shape)}")
+        layer = layers[name]
+        if delta.shape != _shape(layer):
+            raise ValueError(f"layer {name!r}: backbone delta {delta.shape} does not fit weight {_shape(layer)}")
+        if is_quantized(layer.get_base_layer()):
+            if branch is None:
+                raise ValueError(f"layer {name!r} is quantized: its backbone change needs a BackboneChange attached "
+                                 "to the model (peft_io.attach_change)")
+            continue
+        weight = layer.get_base_layer().weight
+        stored = _oriented(layer, delta)
         left, right = stored.left.to(weight.device, torch.float32), stored.right.to(weight.device, torch.float32)
         if weight.dtype == torch.float32:
             weight.addmm_(left, right)
@@ -176,15 +231,32 @@ def apply_backbone(model: PeftModel, deltas: dict[str, LowRank], backbone: dict[
         weight.copy_(backbone[name])
 
 
+@torch.no_grad()
+def _effective(model: PeftModel, name: str, layer: LoraLayer) -> torch.Tensor:
+    """A quantized layer's backbone as its forward pass computes it: the dequantized weight plus its change, float32,
+    ``out×in``, on the layer's device."""
+    base = layer.get_base_layer()
+    weight = dequantize(base)
+    branch = _branch(model)
+    delta = branch.delta(name) if branch is not None else None
+    if delta is not None:
+        weight.addmm_(delta.left.to(weight.device, torch.float32), delta.right.to(weight.device, torch.float32))
+    return weight
+
+
 class BackboneWeights(Mapping):
     """The adapted layers' current base weights as ``out×in`` tensors, read one at a time when asked for (no copy of
-    the whole backbone): what ``Method.start`` sees. Treat them as read-only."""
+    the whole backbone): what ``Method.start`` sees. A quantized layer's is its dequantized weight plus its change
+    (float32, built when asked for). Treat them as read-only."""
 
     def __init__(self, model: PeftModel):
+        self._model = model
         self._layers = lora_layers(model)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         layer = self._layers[name]
+        if is_quantized(layer.get_base_layer()):
+            return _effective(self._model, name, layer)
         weight = layer.get_base_layer().weight.detach()
         return weight.mT if getattr(layer, "fan_in_fan_out", False) else weight
 
@@ -196,18 +268,22 @@ class BackboneWeights(Mapping):
 
 
 def get_backbone(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapted layers' weights as the model stores them, as CPU copies (rounded to the model's dtype)."""
-    return {name: layer.get_base_layer().weight.detach().cpu().clone() for name, layer in lora_layers(model).items()}
+    """The adapted layers' weights as the model stores them, as CPU copies (rounded to the model's dtype); a quantized
+    layer's as it computes with it (``BackboneWeights``), in float32."""
+    return {name: (_effective(model, name, layer) if is_quantized(layer.get_base_layer())
+                   else layer.get_base_layer().weight.detach()).cpu().clone()
+            for name, layer in lora_layers(model).items()}
 
 
 @torch.no_grad()
 def set_backbone(model: PeftModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Load saved backbone weights (a checkpoint's) into the model; returns the model's backbone mapping (see
     ``apply_backbone``): a value the stored weight cannot hold exactly (float32 into a bfloat16 weight) is kept as
-    the layer's float32 master."""
-    layers = lora_layers(model)
+    the layer's float32 master. The weights cover the unquantized adapted layers (a quantized layer's change is
+    restored with ``attach_change``)."""
+    layers = {name: layer for name, layer in lora_layers(model).items() if not is_quantized(layer.get_base_layer())}
     if set(weights) != set(layers):
-        raise ValueError("backbone weights do not cover exactly the adapted layers")
+        raise ValueError("backbone weights do not cover exactly the unquantized adapted layers")
     backbone = {}
     for name, value in weights.items():
         weight = layers[name].get_base_layer().weight
@@ -242,24 +318,65 @@ def export_merged(model: PeftModel, folder: str | Path, tokenizer=None, *, merge
     left untouched either way. Weights are saved in the model's dtype: an adapted layer is its float32 backbone
     (``backbone``, the model's backbone mapping; plus ``s·B·A`` when merging) rounded once. The copy is built on the
     meta device, so no second random init (or float32 copy) of a large model is made.
+
+    A quantized model is saved unquantized, in the dtype it was loaded in (``config.dtype``): each quantized layer
+    dequantized, an adapted one with its backbone change (``attach_change``) added; the folder's config has no
+    ``quantization_config``, so plain transformers loads it as an ordinary model.
     """
     base = model.get_base_model()
     backbone = backbone or {}
-    state = {key.replace(".base_layer.", "."): value.detach().cpu().clone()
-             for key, value in base.state_dict().items() if "lora_" not in key}
-    for name, layer in lora_layers(model).items():
+    quantized = {path.replace(".base_layer", ""): module for path, module in base.named_modules()
+                 if is_quantized(module)}
+    state = {}
+    for key, value in base.state_dict().items():
+        key = key.replace(".base_layer.", ".")
+        if "lora_" in key or _owner(key, quantized) is not None and not key.endswith(".bias"):
+            continue  # the adapter; a quantized weight's packed data and quantization state
+        state[key] = value.detach().cpu().clone()
+    layers = lora_layers(model)
+    for path, module in quantized.items():
+        if path not in layers:  # an adapted one is done below
+            state[f"{path}.weight"] = dequantize(module).cpu()
+    config = base.config
+    if quantized:
+        config = copy.deepcopy(base.config)
+        saved_dtype = _dtype(config)
+        for attribute in ("quantization_config", "_is_quantized"):
+            if hasattr(config, attribute):
+                delattr(config, attribute)
+        state = {key: value.to(saved_dtype) if value.is_floating_point() else value for key, value in state.items()}
+    for name, layer in layers.items():
         key = f"{name}.weight"
-        weight = backbone[name].float().cpu() if name in backbone else state[key].float()
+        if is_quantized(layer.get_base_layer()):
+            weight, dtype = _effective(model, name, layer).cpu(), _dtype(config)
+        else:
+            weight = backbone[name].float().cpu() if name in backbone else state[key].float()
+            dtype = state[key].dtype
         if merge:
             weight = weight + layer.get_delta_weight(ADAPTER).detach().float().cpu()  # PEFT's s·B·A, oriented like W
-        state[key] = weight.to(state[key].dtype)
+        state[key] = weight.to(dtype)
     with torch.device("meta"):
-        plain = type(base)(base.config)
+        plain = type(base)(config)
     plain.load_state_dict(state, strict=True, assign=True)
     plain.tie_weights()
     plain.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def _owner(key: str, paths: Mapping) -> str | None:
+    """The module of ``paths`` that a state-dict key belongs to (its longest dotted prefix there), or None."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:end]) in paths:
+            return ".".join(parts[:end])
+    return None
+
+
+def _dtype(config) -> torch.dtype:
+    """The dtype a model was loaded in, as its config records it."""
+    value = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, value) if isinstance(value, str) else value
 
 
 def save_adapter(folder: str | Path, factors: dict[str, LoraPair], like: LoraConfig, base: str | None) -> None:

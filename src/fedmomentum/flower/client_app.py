@@ -25,7 +25,9 @@ names the copy the server expects by digest, and a node that lacks it says so in
 server's copy.
 
 The model itself is cached per process (keyed by run and config fingerprint) and brought to the node's version by
-applying the logged deltas in order, so every node ends with bit-identical backbone weights.
+applying the logged deltas in order, so every node ends with bit-identical backbone weights. On a quantized base
+(``quantization``) the node keeps the whole change in its own ``BackboneChange``, which its quantized layers compute
+beside their weights (``change_branch.py``), as the server does with its state's.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..backbone_change import BackboneChange
 from ..build import client_id, encode_all, make_method, peft_model
 from ..client import train_round
 from ..config import RunConfig, from_dict
 from ..methods import Method
-from ..peft_io import apply_backbone, backbone_of, get_lora
+from ..peft_io import apply_backbone, attach_change, backbone_of, get_lora, quantized_layers
 from ..schedule import client_ranks
 from ..types import LoraPair, LowRank, Tensor
 from . import wire
@@ -66,6 +69,13 @@ class _Worker:
     data: dict[tuple, list[dict]] = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # the seeded LoRA init: the global adapter of version 0
     backbone: dict = field(default_factory=dict)  # the model's backbone mapping (``peft_io.apply_backbone``)
+    change: BackboneChange | None = None  # a quantized base's whole change, computed beside its quantized layers
+
+    def apply(self, deltas: dict[str, LowRank]) -> None:
+        """Add one log entry's deltas to the backbone: into the mapping, and a quantized base's into its change."""
+        apply_backbone(self.model, deltas, self.backbone)
+        if self.change is not None:
+            self.change.add(deltas)
 
     def examples(self, node_config, pid: int) -> list[dict]:
         """The node's training examples, encoded (cached per partition and data path)."""
@@ -85,8 +95,10 @@ def shared_worker(run_id: int, fp: str, config: RunConfig) -> _Worker:
     if _WORKER is None or _WORKER.key != key:
         _WORKER = None  # free the old model first
         model, tokenizer = peft_model(config)
+        change = BackboneChange() if quantized_layers(model) else None
+        attach_change(model, change)
         _WORKER = _Worker(key, config, model, tokenizer, make_method(config), initial=get_lora(model),
-                          backbone=backbone_of(model))
+                          backbone=backbone_of(model), change=change)
     return _WORKER
 
 
@@ -220,7 +232,7 @@ def train(message: Message, context: Context) -> Message:
         reset_worker()
         worker = shared_worker(context.run_id, fp, config)
     for entry in range(worker.version, end):
-        apply_backbone(worker.model, applied.get(entry, {}), worker.backbone)
+        worker.apply(applied.get(entry, {}))
     worker.version = end
 
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
