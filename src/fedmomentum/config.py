@@ -36,6 +36,8 @@ class RunConfig:
     method: str = "fedmomentum"
     method_options: dict = field(default_factory=dict)
     weighting: str = "examples"  # or "uniform"
+    clip: str = "median"  # "none", or "median": each client's update at most clip_k × the round's median (robust.py)
+    clip_k: float = 3.0
     lora_r: int = 8
     lora_alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -118,6 +120,7 @@ class RunConfig:
             (self.partition in ("iid", "dirichlet", "family"), "partition must be iid, dirichlet or family"),
             (self.alpha > 0, "alpha (the Dirichlet concentration) must be > 0"),
             (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
+            (self.clip in ("none", "median") and self.clip_k >= 1, "clip must be none or median, clip_k ≥ 1"),
             (self.local_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
              "local_steps, batch_size and grad_accum must be ≥ 1"),
             (self.lr > 0, "lr must be > 0"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, report, rundir
+from . import checkpoint, report, robust, rundir
 from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .config import MAY_CHANGE_ON_RESUME, differences
@@ -150,7 +150,9 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
     trained = engine.train_round(t, state, setup.method.trainable(t), lr)
     aggregating = time.perf_counter()
-    result = setup.method.aggregate(state.lora, trained.updates, scaling=setup.scaling, t=t, state=state.method)
+    updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
+                                            scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k)
+    result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
     aggregation_seconds = time.perf_counter() - aggregating
     state = advance(setup, state, result, trained.updates, t)
     record = {
@@ -161,6 +163,7 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
         "train_loss": sum(trained.losses) / len(trained.losses),
         **{k: v for k, v in result.stats.items() if k not in ("layers", "round", "method")},
         "aggregation_seconds": aggregation_seconds,
+        **bounded,
         **trained.record,
     }
     if t % config.eval_every == 0 or t == config.rounds:
