@@ -114,16 +114,14 @@ def mixture(start: dict[str, LoraPair], trained: dict[str, LoraPair], c: float) 
     return mixed
 
 
-def client_start(method, global_lora: dict[str, LoraPair], update: ClientUpdate, *, scaling: float, t: int,
-                 own: StateDict | None = None) -> dict[str, LoraPair]:
-    """Where ``update``'s client started round ``t`` (as ``client.train_round`` asks the method): the global
-    adapter at the client's rank (``rank``/``scaling`` only when the rank differs), with what the client kept
-    (``own``, ``ServerState.clients``)."""
-    name, pair = next(iter(global_lora.items()))
-    rank = update.factors[name].rank if name in update.factors else pair.rank
-    other = rank != pair.rank
+def client_start(method, global_lora: dict[str, LoraPair], *, rank: int, client_scaling: float | None,
+                 scaling: float, t: int, own: StateDict | None = None) -> dict[str, LoraPair]:
+    """Where a client of ``rank`` (LoRA scaling ``client_scaling``) started round ``t``, as ``client.train_round``
+    asks the method: the global adapter at the client's rank, with what the client kept (``own``,
+    ``ServerState.clients``)."""
+    other = rank != next(iter(global_lora.values())).rank
     return method.client_start(global_lora, own=own or None, t=t, rank=rank if other else None,
-                               scaling=update.scaling if other else None, global_scaling=scaling if other else None)
+                               scaling=client_scaling if other else None, global_scaling=scaling if other else None)
 
 
 def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, StateDict], updates: list[ClientUpdate],
@@ -138,7 +136,9 @@ def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, Stat
         raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
     if not updates:
         return updates, {"update_norms": {}, "clip_threshold": None, "clipped": {}}
-    starts = [client_start(method, global_lora, u, scaling=scaling, t=t, own=kept.get(u.client_id)) for u in updates]
+    first = next(iter(global_lora))
+    starts = [client_start(method, global_lora, rank=u.factors[first].rank, client_scaling=u.scaling, scaling=scaling,
+                           t=t, own=kept.get(u.client_id)) for u in updates]
     scalings = [scaling if u.scaling is None else float(u.scaling) for u in updates]
     norms = [update_norm(start, u.factors, s) for start, u, s in zip(starts, updates, scalings, strict=True)]
     names = [u.client_id or str(i) for i, u in enumerate(updates)]
