@@ -8,7 +8,9 @@ ratio stays below ``k``. For each ``k`` it prints how many client updates were c
 ``eval_loss`` difference from the unclipped run.
 
     .venv/bin/python benchmarks/clipping.py                        # the tiny random Llama, a few seconds a run
-    .venv/bin/python benchmarks/clipping.py --model default --rounds 3 --seeds 0 --methods fedmomentum
+    .venv/bin/python benchmarks/clipping.py --model default --rounds 4 --seeds 0 --partitions dirichlet \
+        --methods fedmomentum fedit --k 1.1 1.5 2
+    .venv/bin/python benchmarks/clipping.py --methods fedmomentum flexlora --client-ranks cycle:2,8
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=4)
+    parser.add_argument("--client-ranks", default=None, help="e.g. cycle:2,8 (clients of other LoRA ranks)")
     args = parser.parse_args()
     base = dict(model=None if args.model == "default" else args.model, rounds=args.rounds, clients=args.clients,
                 clients_per_round=args.per_round, families=["basic_arithmetic", "chain_sum"], train_per_family=48,
                 eval_per_family=8, max_length=64, local_steps=4, batch_size=4, lr=5e-3 if args.model == "tiny"
                 else 1e-3, lora_r=4 if args.model == "tiny" else 8, lora_alpha=8 if args.model == "tiny" else 16,
-                accuracy_per_family=0)
+                accuracy_per_family=0, client_ranks=args.client_ranks)
     header = ["method", "partition", "seed", "worst norm/median", "eval_loss (no clip)"]
     header += [f"k={k:g}: clipped, Δ eval_loss" for k in args.k]
     print("| " + " | ".join(header) + " |")

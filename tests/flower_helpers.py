@@ -175,7 +175,7 @@ def attack_train_reply(reply: Message, fault: str, context: Context) -> Message:
     round-1 factors sent again in every later round, a 40 MB extra array, a train loss of 1.7e308."""
     factors, metrics = reply.content["factors"], reply.content["metrics"]
     if fault == "poison-9999":
-        rng = np.random.default_rng(int(context.node_config["partition-id"]))
+        rng = np.random.default_rng([int(context.node_config["partition-id"]), int(metrics["backbone-version"])])
         _replace_arrays(factors, lambda key, a: Array(
             (9999.0 * rng.choice([-1.0, 1.0], size=a.shape)).astype(np.float32)))
     elif fault == "scaled-30":

@@ -204,3 +204,54 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     assert_same_state(tmp_path / "reference" / driver.CHECKPOINT,
                       out / driver.CHECKPOINT, atol=0.0)
     assert all(process.poll() is not None for process in [*nodes, stranger])
+
+
+def attack_app(folder: Path) -> Path:
+    """The example app with the tests' faulty ClientApp (``flower_helpers.faulty_client_app``: each node's fault
+    from its node config), for nodes that attack."""
+    shutil.copytree(APP, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "fedmomentum_app" / "client_app.py").write_text(
+        '"""ClientApp: the real one, with the attack named in the node config (tests only)."""\n\n'
+        "from flower_helpers import faulty_client_app\n\napp = faulty_client_app()\n")
+    return folder
+
+
+def test_attackers_on_a_loopback_deployment(tmp_path):
+    """Three honest SuperNodes, one sending factors of ±9999 and one a 40 MB reply, on loopback through `flwr run`:
+    the honest nodes are accepted every round, the poison is clipped, the large reply is refused without being
+    downloaded (the ServerApp's ``HttpGrid`` path of ``pull``), the run completes and `fedmomentum status` says so
+    (exit 0), as it exits 1 for a run that failed."""
+    link, *node_ports = ports = free_ports(6)
+    out = tmp_path / "run"
+    loopback = Loopback(tmp_path, ports)
+    loopback.env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    loopback.connection("local-deployment", f"127.0.0.1:{link}", insecure=True)
+    app = attack_app(tmp_path / "app")
+    faults = {3: "poison-9999", 4: "huge-reply"}
+    tiny = TINY.replace("clients=2 clients-per-round=2", "clients=5 clients-per-round=5")
+    try:
+        loopback.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link))
+        for index, port in enumerate(node_ports):
+            fault = f" fault='{faults[index]}'" if index in faults else ""
+            loopback.start(f"supernode-{index}", "flower-supernode", "--insecure", "--superlink",
+                           f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port),
+                           "--node-config", f"partition-id={index} num-partitions=5{fault}")
+        run = loopback.submit(app, "local-deployment", f"{tiny} partition='iid' rounds=2 out='{out}'", "flwr-run")
+        wait_until(lambda: run.ended(out), 600, loopback, "the run")
+        stream = run.full_log()
+    finally:
+        loopback.close()
+    assert summary(out)["status"] == "completed", stream[-3000:]
+    records = rows(out)
+    for record in records[1:]:
+        assert record["client_ids"] == ["client-0", "client-1", "client-2", "client-3"], record
+        assert set(record["clipped"]) == {"client-3"}
+        assert "not downloaded" in record["rejected"]["client-4"]
+    done = subprocess.run([str(BIN / "fedmomentum"), "status", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("completed"), done.stdout + done.stderr
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "reason": "RoundFailed: round 1", "rounds": 2,
+                                                     "rounds_completed": 0}))
+    done = subprocess.run([str(BIN / "fedmomentum"), "status", str(failed)], capture_output=True, text=True)
+    assert done.returncode == 1 and "RoundFailed: round 1" in done.stdout
