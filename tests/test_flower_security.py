@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 from fedmomentum import checkpoint, driver, simulation
 from fedmomentum.cli import app as cli
 from fedmomentum.flower import RoundFailed, make_client_app, make_server_app
+from fedmomentum.flower.identity import read_node_keys, same_key
+from fedmomentum.flower.replays import Replays
 from fedmomentum.flower.replies import shown
 from fedmomentum.records import Records, read_metrics
 from flower_helpers import FLOWER, LocalGrid, faulty_client_app, run_local
@@ -261,3 +263,40 @@ def test_status_of_an_unfinished_run_and_of_a_folder_without_a_run(tmp_path, fou
     assert code == 3 and "not finished: 1 round(s) recorded" in output
     code, output = status(tmp_path)
     assert code == 2 and "holds no run" in output
+
+
+def test_replay_digests_survive_a_resume_except_the_rounds_after_the_checkpoint(tmp_path):
+    replays = Replays()
+    replays.add("client-0", "aa", 1)
+    replays.add("client-0", "bb", 2)
+    replays.add("client-1", "cc", 3)
+    replays.save(tmp_path / "replays.json")
+    back = Replays.load(tmp_path / "replays.json", rounds=2)  # round 3 is trained again after the resume
+    assert back.earlier("client-0", "aa") == 1 and back.earlier("client-0", "bb") == 2
+    assert back.earlier("client-1", "cc") is None and back.earlier("client-2", "aa") is None
+    assert Replays.load(tmp_path / "missing.json", rounds=5).seen == {}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a replay log"):
+        Replays.load(tmp_path / "bad.json", rounds=1)
+
+
+def test_node_keys_file_errors_name_what_is_wrong(tmp_path):
+    keys = [ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() for _ in range(2)]
+    path = tmp_path / "node-keys.toml"
+    with pytest.raises(FileNotFoundError, match="not found on the server"):
+        read_node_keys(path, 2)
+    cases = {f'0 = "{keys[0]}"\n1 = "{keys[0]}"\n': "one key to several partitions",
+             f'0 = "{keys[0]}"\n2 = "{keys[1]}"\n': "partitions 0 … 1",
+             f'0 = "{keys[0]}"\n1 = "missing.pub"\n': "neither an OpenSSH public key nor a file",
+             f'0 = "{keys[0]}"\n1 = "ssh-ed25519 AAAA"\n': "not an OpenSSH public key",
+             '0 = "a\n': "node-keys file"}
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_node_keys(path, 2)
+    path.write_text(f'0 = "{keys[0]}"\n1 = "{keys[1]} comment"\n')
+    read = read_node_keys(path, 2)
+    pem = serialization.load_ssh_public_key(keys[1].encode()).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert same_key(pem, read[1]) and not same_key(pem, read[0]) and not same_key(b"", read[0])

@@ -37,7 +37,7 @@ class RunConfig:
     method_options: dict = field(default_factory=dict)
     weighting: str = "examples"  # or "uniform"
     clip: str = "median"  # "none", or "median": each client's update at most clip_k × the round's median (robust.py)
-    clip_k: float = 3.0
+    clip_k: float = 2.0
     lora_r: int = 8
     lora_alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

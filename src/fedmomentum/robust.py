@@ -125,7 +125,7 @@ def client_start(method, global_lora: dict[str, LoraPair], *, rank: int, client_
 
 
 def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, StateDict], updates: list[ClientUpdate],
-                  *, scaling: float, t: int, clip: str = "median", k: float = 3.0) -> tuple[list[ClientUpdate], dict]:
+                  *, scaling: float, t: int, clip: str = "median", k: float = 2.0) -> tuple[list[ClientUpdate], dict]:
     """Each update's norm and, with ``clip="median"``, the updates beyond ``k ×`` the median norm clipped to it.
 
     ``kept`` is what each client kept between rounds (``ServerState.clients``). Returns the updates to aggregate

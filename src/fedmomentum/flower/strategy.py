@@ -274,7 +274,7 @@ class LoraStrategy(Strategy, driver.Engine):
         for partition, reply in sorted(replies.items()):
             cid = client_id(partition)
             try:  # any fault in one reply rejects that reply, never the round
-                update, loss = self._parse(server_round, partition, reply, trainable)
+                update, loss, digest = self._parse(server_round, partition, reply, trainable)
             except Exception as error:
                 rejected[cid] = shown(str(error) or type(error).__name__, REASON_CHARS)
                 log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, rejected[cid])
@@ -289,9 +289,8 @@ class LoraStrategy(Strategy, driver.Engine):
             if node is not None:
                 node.version, node.needs_own = version, False
             update.keep = self.method.local_state(update)  # the server's copy of what the client keeps
+            self.replays.add(cid, digest, server_round)
             accepted.append((partition, update, loss))
-        for _, update, _ in accepted:
-            self.replays.add(update.client_id, factors_digest(update.factors, trainable), server_round)
         self.nodes.end_round(exchange.sent_to, [p for p, _, _ in accepted])
         if len(accepted) < self.min_clients:
             raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="
@@ -313,20 +312,22 @@ class LoraStrategy(Strategy, driver.Engine):
         }
         return driver.ClientRound([u for _, u, _ in accepted], [loss for _, _, loss in accepted], measured)
 
-    def _parse(self, t: int, partition: int, reply: Message, trainable: dict[str, bool]) -> tuple[ClientUpdate, float]:
+    def _parse(self, t: int, partition: int, reply: Message,
+               trainable: dict[str, bool]) -> tuple[ClientUpdate, float, str]:
         """One train reply as an update, checked (``replies.parse_train_reply``, the method's own checks, not a
-        replay of the client's earlier factors)."""
+        replay of the client's earlier factors), its loss and the digest of its factors."""
         cid, rank = client_id(partition), self.ranks[partition]
         start = robust.client_start(self.method, self.global_lora, rank=rank, client_scaling=self.client_scaling(rank),
                                     scaling=self.setup.scaling, t=t, own=self.state.clients.get(cid))
         update, loss = parse_train_reply(reply, cid, partition, self.global_lora, trainable, self.backbone_log.version,
                                          self.limits, rank=rank, scaling=self.client_scaling(rank), start=start)
         self.method.validate(self.global_lora, [update], self.setup.scaling)
-        earlier = self.replays.earlier(cid, factors_digest(update.factors, trainable))
+        digest = factors_digest(update.factors, trainable)
+        earlier = self.replays.earlier(cid, digest)
         if earlier is not None:
             raise ValueError(f"client {cid!r}: its factors are those of its reply accepted in round {earlier} "
                              "(a replay)")
-        return update, loss
+        return update, loss, digest
 
     def client_scaling(self, rank: int) -> float:
         """The LoRA scaling of a client of ``rank``, as PEFT sets it (``α/r``, or ``α/√r`` with rsLoRA)."""
