@@ -67,8 +67,8 @@ def pull_replies(grid, message_ids: Iterable[str], caps: dict[str, int]) -> tupl
         except _TooLarge:
             refused[asked] = f"{TOO_LARGE} {cap} bytes, the most a reply to this message may take (not downloaded)"
             contents = None
-        except ObjectPullError as error:  # what HttpGrid does: the objects never arrived
-            replies.append(_unavailable(header, str(error)))
+        except Exception as error:  # as HttpGrid does when the objects never arrive; the other replies are kept
+            replies.append(_unavailable(header, f"{type(error).__name__}: {error}"))
             continue
         runtime.ConfirmMessageReceived(ConfirmMessageReceivedRequest(
             node=grid.node, run_id=run_id, message_object_id=header.metadata.message_id))
