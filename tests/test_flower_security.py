@@ -206,8 +206,8 @@ def test_node_text_is_escaped_and_cut_in_logs_and_records(tmp_path, four_nodes, 
 def test_shown_escapes_control_and_format_characters():
     assert shown("a\nb\x1b[2Jc\u202ed\u2028e") == "a\\nb\\x1b[2Jc\\u202ed\\u2028e"
     assert shown("é ü 中") == "é ü 中"
-    long = shown("y" * 1000, 20)
-    assert long == "y" * 20 + "… (1000 characters)"
+    assert shown("a" * 500 + "b" * 500, 20) == "a" * 10 + " … (1000 characters) … " + "b" * 10
+    assert shown("\n" * 1000, 20) == "\\n" * 5 + " … (1000 characters) … " + "\\n" * 5
     assert shown(list(range(5))) == "[0, 1, 2, 3, 4]"
 
 

@@ -79,20 +79,25 @@ class Resync:
 
 def shown(text: object, limit: int = SHOWN_CHARS) -> str:
     """Text from outside the process as it may appear in a log line or a record: newlines, other control and
-    format characters (terminal escapes, bidirectional marks) escaped as ``\\n``, ``\\x1b``, ``\\u202e``; cut to
-    ``limit`` characters, saying how long it was. A value that is not text is shown as its ``repr``."""
+    format characters (terminal escapes, bidirectional marks) escaped as ``\\n``, ``\\x1b``, ``\\u202e``; longer
+    than ``limit`` characters, its beginning and its end (where a traceback says what went wrong) around a note of
+    its length. A value that is not text is shown as its ``repr``."""
     text = text if isinstance(text, str) else repr(text)
+    if len(text) <= limit:
+        return _escaped(text)
+    half = limit // 2
+    return f"{_escaped(text[:half])[:half]} … ({len(text)} characters) … {_escaped(text[-half:])[-half:]}"
+
+
+def _escaped(text: str) -> str:
     escaped = []
-    for char in text[:limit]:
+    for char in text:
         if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             char = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
                 f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}" if ord(char) < 0x10000
                 else f"\\U{ord(char):08x}")
         escaped.append(char)
-    result = "".join(escaped)
-    if len(result) > limit or len(text) > limit:
-        result = result[:limit] + f"… ({len(text)} characters)"
-    return result
+    return "".join(escaped)
 
 
 def reply_cap(global_lora: dict[str, LoraPair], trained: dict[str, bool], rank: int | None = None) -> int:
