@@ -108,6 +108,15 @@ def test_one_attacker_among_four_never_gets_an_honest_reply_refused_nor_moves_th
     assert all(json.loads(line, parse_constant=pytest.fail) for line in text.splitlines())
 
 
+def test_uniform_weighting_ignores_what_a_node_claims(tmp_path, four_nodes):
+    """``weighting = "uniform"``: every accepted update weighs 1/4 whatever its count; the four partitions hold equal
+    counts here, so the run equals the clean one exactly."""
+    config, clean = four_nodes
+    attacked = config(tmp_path / "uniform", weighting="uniform")
+    run_local(attacked, LocalGrid(faulty_client_app({3: "examples-1e7"}), range(4), 4, run_id=30))
+    assert distance(effective(Path(attacked.out)), effective(clean)) == 0.0
+
+
 def test_without_clipping_the_poison_moves_the_model_past_the_stated_distance(tmp_path, four_nodes):
     """The same ±9999 attacker with ``clip="none"``: the honest replies are still accepted (bounds follow the
     client's start), but the model ends far beyond the distance clipping guarantees."""
