@@ -144,8 +144,9 @@ def open_run(setup: Setup, engine: Engine, out: Path, resume: bool, overwrite: b
 
 
 def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple[ServerState, Aggregate, dict]:
-    """Round ``t``: train its clients through ``engine``, aggregate, apply the result to the server's model and
-    evaluate when due; returns the next state, the aggregate and the round's record."""
+    """Round ``t``: train its clients through ``engine``, bound each update's influence (``robust``: norms recorded,
+    clipped with ``clip``), aggregate, apply the result to the server's model and evaluate when due; returns the
+    next state, the aggregate and the round's record."""
     config, started = setup.config, time.perf_counter()
     lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
     trained = engine.train_round(t, state, setup.method.trainable(t), lr)
