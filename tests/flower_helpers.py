@@ -18,14 +18,20 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message import remove_content_from_message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from fedmomentum import build, checkpoint
@@ -151,13 +157,49 @@ TRAIN_FAULTS = {  # fault → what the rejection says
     "complex": "dtype 'complex64'",
     "string": "dtype '<U3'",
     "mislabelled-float64": "dtype float64; expected",
-    "rank-512": "shape (512,",
+    "rank-512": "reply larger than",  # 128 times the client's factors: past the size cap, never downloaded
     "pad-rank": "shape (8, 64), expected (4, 64)",  # small_config: lora_r=4, tiny hidden size 64
     "drop-rank": "shape (3, 64), expected (4, 64)",
     "scaling": "scaling must be 2.0 (the LoRA scaling of the client's rank), got 1.0",
     "extra-record": "unexpected records ['extra']",
     "no-metrics": "needs a MetricRecord 'metrics'",
 }
+
+
+ATTACKS = ("poison-9999", "scaled-30", "examples-1e7", "zeros", "replay", "huge-reply", "loss-1e308")
+
+
+def attack_train_reply(reply: Message, fault: str, context: Context) -> Message:
+    """The real train reply turned into a well-formed attack (``ATTACKS``): factors of ±9999 (inside
+    max-factor-abs), the factors ×30, 10⁷ examples (its hello said its real count), all-zero factors, the node's
+    round-1 factors sent again in every later round, a 40 MB extra array, a train loss of 1.7e308."""
+    factors, metrics = reply.content["factors"], reply.content["metrics"]
+    if fault == "poison-9999":
+        rng = np.random.default_rng([int(context.node_config["partition-id"]), int(metrics["backbone-version"])])
+        _replace_arrays(factors, lambda key, a: Array(
+            (9999.0 * rng.choice([-1.0, 1.0], size=a.shape)).astype(np.float32)))
+    elif fault == "scaled-30":
+        _replace_arrays(factors, lambda key, a: Array((30.0 * a.numpy()).astype(np.float32)))
+    elif fault == "examples-1e7":
+        metrics["num-examples"] = 10_000_000
+    elif fault == "zeros":
+        _replace_arrays(factors, lambda key, a: Array(np.zeros(a.shape, np.float32)))
+    elif fault == "replay":
+        first = context.state.array_records.get("attack.first")
+        if first is None:
+            context.state["attack.first"] = ArrayRecord({k: Array(a.numpy().copy()) for k, a in factors.items()})
+        else:
+            _replace_arrays(factors, lambda key, a: Array(first[key].numpy().copy()))
+    elif fault == "huge-reply":
+        factors["padding/A"] = Array(np.ones((10_000_000,), np.float32))  # 40 MB
+    elif fault == "loss-1e308":
+        metrics["train-loss"] = 1.7e308
+    else:
+        raise ValueError(f"unknown attack {fault!r}")
+    return reply
+
+
+FORGED = "\n[2026-01-01 00:00:00] INFO : round   9 | train_loss 0.0001 | eval_loss 0.0001 | 1.0s\x1b[2J"
 
 
 def corrupt_hello(reply: Message, fault: str) -> Message:
@@ -173,6 +215,12 @@ def corrupt_hello(reply: Message, fault: str) -> Message:
     elif fault == "hello-no-record":
         del reply.content["node"]
         reply.content["other"] = ConfigRecord({})
+    elif fault == "hello-forged-log":  # a whole fake round line for the server's log
+        info["error"] = "no data" + FORGED
+    elif fault == "hello-long-error":  # 50,000 characters: well under the hello's size cap
+        info["error"] = "x" * 50_000
+    elif fault == "hello-huge":  # a list of a million numbers: past the hello's size cap
+        info["error"] = list(range(1_000_000))
     else:
         raise ValueError(f"unknown fault {fault!r}")
     return reply
@@ -184,6 +232,9 @@ HELLO_FAULTS = {
     "hello-no-version": "backbone-version must be an integer",
     "hello-negative-version": "backbone-version must be between 0",
     "hello-no-record": "needs a ConfigRecord 'node'",
+    "hello-forged-log": "the node reports: no data\\n[2026-01-01 00:00:00] INFO : round   9",
+    "hello-long-error": "… (50000 characters)",
+    "hello-huge": "reply larger than 65536 bytes",
 }
 RESYNC_FAULTS = {
     "resync-negative": "resync backbone-version must be between 0",
@@ -195,8 +246,8 @@ def faulty_client_app(faults: dict[int, str] | None = None) -> ClientApp:
     """The real ClientApp, with a fault on some nodes: by partition (``faults``) or the node config's ``fault``.
 
     ``"raise"`` / ``"hello-raise"`` (the ClientApp fails on train / query messages), a key of ``TRAIN_FAULTS``
-    (the train reply), of ``HELLO_FAULTS`` (the hello reply) or of ``RESYNC_FAULTS`` (the node answers its train
-    message with a bad resync).
+    (the train reply), of ``HELLO_FAULTS`` (the hello reply), of ``RESYNC_FAULTS`` (the node answers its train
+    message with a bad resync) or one of ``ATTACKS`` (a well-formed train reply meant to move the model).
     """
     faults = faults or {}
 
@@ -227,6 +278,8 @@ def faulty_client_app(faults: dict[int, str] | None = None) -> ClientApp:
         reply = flower_client.train(message, context)
         if fault in TRAIN_FAULTS and "factors" in reply.content:
             reply = corrupt_train_reply(reply, fault)
+        if fault in ATTACKS and "factors" in reply.content:
+            reply = attack_train_reply(reply, fault, context)
         return reply
 
     return app
@@ -256,15 +309,26 @@ class LocalGrid:
     process) at the next ``get_node_ids``; ``("kill", node_id)`` (its SuperNode dies: the SuperLink answers its
     messages with a NODE_UNAVAILABLE error and drops it) at the next ``pull_messages``, i.e. during the wait.
     ``silent`` nodes never answer train messages (a timeout); with ``flaky``, every other call of each Grid method
-    raises, as a SuperLink's do when its database is busy.
+    raises, as a SuperLink's do when its database is busy. ``hello_delay`` holds every hello reply back for that
+    many seconds (a busy machine); ``keys`` gives nodes the public key the SuperLink reports for them (PEM).
+
+    Replies are pulled as ``HttpGrid`` pulls them on a deployment, through Flower's Runtime API (``Runtime``:
+    message headers and object trees, then each object's bytes), so the strategy's size cap (``pull``) is
+    exercised on the same path; ``runtime.pulled`` counts the object bytes served.
     """
 
     def __init__(self, app, partitions, clients: int, run_id: int = 1, events=None, silent=(), node_configs=None,
-                 flaky: bool = False):
+                 flaky: bool = False, hello_delay: float = 0.0, keys: dict[int, bytes] | None = None):
+        from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
         self.app, self.run_id, self.clients = app, run_id, clients
+        self.run = SimpleNamespace(run_id=run_id)
+        self.node = Node(node_id=SUPERLINK_NODE_ID)
+        self.runtime = Runtime(self)
+        self.hello_delay, self.keys = hello_delay, dict(keys or {})
+        self.pushed_at: dict[str, float] = {}
         self.contexts: dict[int, Context] = {}
         for index, partition in enumerate(partitions):
             self.join(100 + index, partition, **(node_configs or {}).get(index, {}))
@@ -301,11 +365,18 @@ class LocalGrid:
         if self.flaky and self.calls[method] % 2:
             raise RuntimeError("Server error '500 Internal Server Error' (database is locked)")
 
+    @property
+    def _runtime_client(self) -> Runtime:
+        return self.runtime
+
     def get_node_ids(self):
         self._maybe_fail("get_node_ids")
         self.node_polls += 1
         self._events(("join", "restart"))
         return [node_id for node_id in self.contexts if node_id not in self.killed]
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, public_key=self.keys.get(n, b"")) for n in self.get_node_ids()]
 
     def push_messages(self, messages):
         self._maybe_fail("push_messages")
@@ -313,6 +384,7 @@ class LocalGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.pending[message.metadata.message_id] = message
+            self.pushed_at[message.metadata.message_id] = time.monotonic()
             ids.append(message.metadata.message_id)
         return ids
 
@@ -331,6 +403,9 @@ class LocalGrid:
                 continue
             if node_id in self.silent and message.metadata.message_type == "train":
                 continue
+            if message.metadata.message_type == "query" and \
+                    time.monotonic() < self.pushed_at[message_id] + self.hello_delay:
+                continue
             del self.pending[message_id]
             self.received[node_id, message.metadata.message_type] += 1
             try:
@@ -340,6 +415,36 @@ class LocalGrid:
                                       reason=f"{type(error).__name__}: {error}"), reply_to=message)
             replies.append(over_the_wire(reply, self.uplink))
         return replies
+
+
+class Runtime:
+    """Flower's Runtime API as ``HttpGrid`` uses it to pull replies, over ``LocalGrid``'s replies: the message
+    headers and object trees first, then each object's deflated bytes on request; ``pulled`` counts those bytes."""
+
+    def __init__(self, grid: LocalGrid) -> None:
+        self.grid = grid
+        self.objects: dict[str, object] = {}
+        self.pulled = 0
+
+    def PullMessages(self, request):  # noqa: N802 (Flower's name)
+        headers, trees = [], []
+        for reply in self.grid.pull_messages(list(request.message_ids)):
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self.objects.update(get_all_nested_objects(reply))
+            headers.append(message_to_proto(remove_content_from_message(reply)))
+            trees.append(get_object_tree(reply))
+        return PullAppMessagesResponse(messages_list=headers, message_object_trees=trees)
+
+    def PullObject(self, request):  # noqa: N802
+        found = self.objects.get(request.object_id)
+        if found is None:
+            return PullObjectResponse(object_found=False, object_available=False)
+        content = found.deflate()
+        self.pulled += len(content)
+        return PullObjectResponse(object_found=True, object_available=True, object_content=content)
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        return None
 
 
 def run_local(config: RunConfig, grid: LocalGrid, resume: bool = False, seen: list | None = None,

@@ -124,6 +124,8 @@ def make_certificates(folder: Path) -> None:
         'ssh-keygen -q -t ecdsa -b 384 -N "" -f node-0',
         'ssh-keygen -q -t ecdsa -b 384 -N "" -f node-1',
         'ssh-keygen -q -t ecdsa -b 384 -N "" -f stranger',
+        'ssh-keygen -q -t ecdsa -b 384 -N "" -f impostor',
+        '''printf '0 = "node-0.pub"\\n1 = "node-1.pub"\\n' > node-keys.toml''',
     ]
     for command in commands:
         subprocess.run(command, shell=True, cwd=folder, check=True, capture_output=True)
@@ -138,13 +140,14 @@ def write_jsonl(path: Path, family: str, count: int, offset: int) -> Path:
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen")
 def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_keys(tmp_path):
     """docs/flower.md's TLS recipe on loopback: SuperNode authentication (only registered public keys join; a
-    stranger claiming partition 0 is refused), each node with its own --port and its own data file, the server
-    evaluating on its own file, and `flwr run` with documented keys (method-options.*, lr-schedule, config-file).
-    The per-round lines reach `flwr run --stream` while the run goes, and the result equals the same run in-process.
+    stranger claiming partition 0 is refused), partitions bound to keys (a registered impostor claiming partition 0
+    is refused by node-keys), each node with its own --port and its own data file, the server evaluating on its own
+    file, and `flwr run` with documented keys (method-options.*, lr-schedule, config-file, node-keys). The per-round
+    lines reach `flwr run --stream` while the run goes, and the result equals the same run in-process.
     """
     certs = tmp_path / "certs"
     make_certificates(certs)
-    link, port_a, port_b, port_c = ports = free_ports(4)
+    link, port_a, port_b, port_c, port_d = ports = free_ports(5)
     data = tmp_path / "data"
     data.mkdir()
     train = [write_jsonl(data / "node-0.jsonl", "sums", 12, 3), write_jsonl(data / "node-1.jsonl", "sums", 9, 7)]
@@ -155,7 +158,8 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     loopback = Loopback(tmp_path, ports)
     loopback.connection("my-federation", f"127.0.0.1:{link}", **{"root-certificates": str(certs / "ca.crt")})
     run_config = (f"{TINY} rounds=2 lr-schedule='linear' method-options.residual_energy=0.99 "
-                  f"config-file='{config_file}' eval-data='{held_out}' out='{out}'")
+                  f"config-file='{config_file}' eval-data='{held_out}' out='{out}' "
+                  f"node-keys='{certs / 'node-keys.toml'}'")
     try:
         loopback.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
                        "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
@@ -167,6 +171,8 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
             done = loopback.flwr("supernode", "register", str(certs / f"node-{index}.pub"), "my-federation")
             assert done.returncode == 0, done.stdout + done.stderr
             registered[index] = int(re.search(r"SuperNode (\d+) registered", done.stdout).group(1))
+        done = loopback.flwr("supernode", "register", str(certs / "impostor.pub"), "my-federation")
+        assert done.returncode == 0, done.stdout + done.stderr
         nodes = []
         for index, port in enumerate((port_a, port_b)):
             nodes.append(loopback.start(
@@ -179,6 +185,11 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
             "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port_c),
             "--auth-supernode-private-key", str(certs / "stranger"),
             "--node-config", f"partition-id=0 num-partitions=2 data='{train[0]}'")
+        impostor = loopback.start(
+            "impostor", "flower-supernode", "--root-certificates", str(certs / "ca.crt"),
+            "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port_d),
+            "--auth-supernode-private-key", str(certs / "impostor"),
+            "--node-config", f"partition-id=0 num-partitions=2 data='{train[0]}'")
         run = loopback.submit(APP, "my-federation", run_config, "flwr-run")
         wait_until(lambda: run.follow() or "round   1 |" in run.text(), 300, loopback, "round 1's line in the stream")
         streamed_before_the_end = summary(out) == {}
@@ -188,13 +199,15 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
         loopback.close()
     assert summary(out)["status"] == "completed", stream[-3000:]
     assert streamed_before_the_end, "no per-round line reached `flwr run --stream` before the run ended"
-    assert node_ids(stream) == registered  # each registered key's node holds its partition; nobody else joined
+    assert node_ids(stream) == registered  # each registered key's node holds its partition; nobody else did
     assert "Failed to activate SuperNode" in loopback.log("stranger") and stranger.poll() is not None
     config = json.loads((out / "config.json").read_text())
     assert config["method_options"] == {"residual_energy": 0.99} and config["lr_schedule"] == "linear"
     assert (config["weight_decay"], config["max_grad_norm"], config["lr"]) == (0.01, 0.5, 0.005)
     records = rows(out)
     assert all(r["client_ids"] == ["client-0", "client-1"] and not r["failed"] for r in records[1:])
+    refused = [what for r in records for what in r.get("nodes", {}).values()]
+    assert any("public key is not the one node-keys gives that partition" in what for what in refused), refused
     assert {k for k in records[0] if k.startswith("loss/")} == {"loss/sums"}
     # the same run in-process (LocalGrid, the same node data): the same model
     reference = from_dict({**config, "out": str(tmp_path / "reference")})
@@ -203,4 +216,55 @@ def test_tls_authenticated_nodes_train_on_their_own_data_with_the_documented_key
     run_local(reference, grid, eval_data=str(held_out))
     assert_same_state(tmp_path / "reference" / driver.CHECKPOINT,
                       out / driver.CHECKPOINT, atol=0.0)
-    assert all(process.poll() is not None for process in [*nodes, stranger])
+    assert all(process.poll() is not None for process in [*nodes, stranger, impostor])
+
+
+def attack_app(folder: Path) -> Path:
+    """The example app with the tests' faulty ClientApp (``flower_helpers.faulty_client_app``: each node's fault
+    from its node config), for nodes that attack."""
+    shutil.copytree(APP, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "fedmomentum_app" / "client_app.py").write_text(
+        '"""ClientApp: the real one, with the attack named in the node config (tests only)."""\n\n'
+        "from flower_helpers import faulty_client_app\n\napp = faulty_client_app()\n")
+    return folder
+
+
+def test_attackers_on_a_loopback_deployment(tmp_path):
+    """Three honest SuperNodes, one sending factors of ±9999 and one a 40 MB reply, on loopback through `flwr run`:
+    the honest nodes are accepted every round, the poison is clipped, the large reply is refused without being
+    downloaded (the ServerApp's ``HttpGrid`` path of ``pull``), the run completes and `fedmomentum status` says so
+    (exit 0), as it exits 1 for a run that failed."""
+    link, *node_ports = ports = free_ports(6)
+    out = tmp_path / "run"
+    loopback = Loopback(tmp_path, ports)
+    loopback.env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    loopback.connection("local-deployment", f"127.0.0.1:{link}", insecure=True)
+    app = attack_app(tmp_path / "app")
+    faults = {3: "poison-9999", 4: "huge-reply"}
+    tiny = TINY.replace("clients=2 clients-per-round=2", "clients=5 clients-per-round=5")
+    try:
+        loopback.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link))
+        for index, port in enumerate(node_ports):
+            fault = f" fault='{faults[index]}'" if index in faults else ""
+            loopback.start(f"supernode-{index}", "flower-supernode", "--insecure", "--superlink",
+                           f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port),
+                           "--node-config", f"partition-id={index} num-partitions=5{fault}")
+        run = loopback.submit(app, "local-deployment", f"{tiny} partition='iid' rounds=2 out='{out}'", "flwr-run")
+        wait_until(lambda: run.ended(out), 600, loopback, "the run")
+        stream = run.full_log()
+    finally:
+        loopback.close()
+    assert summary(out)["status"] == "completed", stream[-3000:]
+    records = rows(out)
+    for record in records[1:]:
+        assert record["client_ids"] == ["client-0", "client-1", "client-2", "client-3"], record
+        assert set(record["clipped"]) == {"client-3"}
+        assert "not downloaded" in record["rejected"]["client-4"]
+    done = subprocess.run([str(BIN / "fedmomentum"), "status", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("completed"), done.stdout + done.stderr
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "reason": "RoundFailed: round 1", "rounds": 2,
+                                                     "rounds_completed": 0}))
+    done = subprocess.run([str(BIN / "fedmomentum"), "status", str(failed)], capture_output=True, text=True)
+    assert done.returncode == 1 and "RoundFailed: round 1" in done.stdout

@@ -23,22 +23,28 @@ from fedmomentum.types import LoraPair
 
 
 class Capturing(simulation.InProcess):
-    """The in-process engine, keeping every update it returns and every adapter its clients start from."""
+    """The in-process engine, keeping every update it returns and every adapter its clients start from (not the
+    starts the driver recomputes to measure each update, ``robust.bound_updates``)."""
 
     def __init__(self, engine: simulation.InProcess):
         super().__init__(engine.setup, engine.client_data)
-        self.updates, self.starts = [], []
+        self.updates, self.starts, self.training = [], [], False
         original = self.setup.method.client_start
 
         def client_start(global_lora, **kwargs):
             start = original(global_lora, **kwargs)
-            self.starts.append(start)
+            if self.training:
+                self.starts.append(start)
             return start
 
         self.setup.method.client_start = client_start
 
     def train_round(self, t, *args):
-        trained = super().train_round(t, *args)
+        self.training = True
+        try:
+            trained = super().train_round(t, *args)
+        finally:
+            self.training = False
         self.updates += trained.updates
         return trained
 

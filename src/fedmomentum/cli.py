@@ -443,6 +443,36 @@ def study(
         raise typer.Exit(1)
 
 
+@app.command()
+def status(out: Annotated[Path, typer.Argument(help="A run's output folder.")]) -> None:
+    """How the run in OUT ended, as its exit status: 0 completed, 1 failed (the reason is printed), 3 not finished
+    (no summary.json yet: running, or stopped without one), 2 OUT holds no run."""
+    with Guard()():
+        summary_path, config_path = out / "summary.json", out / rundir.CONFIG
+        if not summary_path.is_file() and not config_path.is_file():
+            raise ValueError(f"{out} holds no run (no summary.json, no {rundir.CONFIG})")
+        if not summary_path.is_file():
+            from .records import read_metrics
+
+            done = len(read_metrics(out)) - 1 if (out / "metrics.jsonl").is_file() else 0
+            typer.echo(f"not finished: {max(done, 0)} round(s) recorded, no summary.json yet (running, or stopped "
+                       "without one)")
+            raise typer.Exit(3)
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{summary_path} is not valid JSON: {error}") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path} must hold a JSON object")
+        if summary.get("status", "completed") != "completed":
+            typer.echo(f"failed after {summary.get('rounds_completed', '?')} of {summary.get('rounds', '?')} "
+                       f"rounds: {summary.get('reason', 'no reason given')}")
+            raise typer.Exit(1)
+        loss = summary.get("final_eval_loss")
+        typer.echo(f"completed: {summary.get('method', '?')}, {summary.get('rounds', '?')} rounds"
+                   + (f", final eval_loss {loss:.4f}" if isinstance(loss, int | float) else ""))
+
+
 @app.command("methods")
 def list_methods(
     name: Annotated[str | None, typer.Argument(help="One method (default: every method).")] = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, corrections, plots, report, rundir
+from . import checkpoint, corrections, plots, report, robust, rundir
 from .backbone_change import BackboneChange, whole_change
 from .build import Setup
 from .config import MAY_CHANGE_ON_RESUME, differences
@@ -147,16 +147,19 @@ def open_run(setup: Setup, engine: Engine, out: Path, resume: bool, overwrite: b
 
 
 def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple[ServerState, Aggregate, dict]:
-    """Round ``t``: train its clients through ``engine``, aggregate, apply the result to the server's model and
-    evaluate when due; returns the next state, the aggregate and the round's record."""
+    """Round ``t``: train its clients through ``engine``, bound each update's influence (``robust``: norms recorded,
+    clipped with ``clip``), aggregate, apply the result to the server's model and evaluate when due; returns the
+    next state, the aggregate and the round's record."""
     config, started = setup.config, time.perf_counter()
     lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
     trained = engine.train_round(t, state, setup.method.trainable(t), lr)
     aggregating = time.perf_counter()
-    result = setup.method.aggregate(state.lora, trained.updates, scaling=setup.scaling, t=t, state=state.method)
+    updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
+                                            scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k)
+    result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
     aggregation_seconds = time.perf_counter() - aggregating
     measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,
-                                 [u.factors for u in trained.updates], setup.method.client_weights(trained.updates))
+                                 [u.factors for u in updates], setup.method.client_weights(updates))
     for name, layer in measured.layers.items():
         result.stats["layers"][name].update(layer)
     state = replace(advance(setup, state, result, trained.updates, t), momentum=momentum)
@@ -169,6 +172,7 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
         **{k: v for k, v in result.stats.items() if k not in ("layers", "round", "method")},
         "aggregation_seconds": aggregation_seconds,
         **measured.record(),
+        **bounded,
         **trained.record,
     }
     if t % config.eval_every == 0 or t == config.rounds:

@@ -1,10 +1,14 @@
 """A run's per-round records on disk: ``metrics.jsonl`` (a line per round) and ``aggregation.jsonl`` (per layer),
-and with ``report_to = "tensorboard"`` every per-round scalar as TensorBoard events in ``tensorboard/``."""
+and with ``report_to = "tensorboard"`` every per-round scalar as TensorBoard events in ``tensorboard/``.
+
+Lines are strict JSON: a number that is not finite (a loss that overflowed) is written as ``null``, never as
+Python's ``NaN`` / ``Infinity``, which strict JSON readers refuse."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +33,22 @@ def check_report_to(report_to: str | list[str]) -> list[str]:
         raise ValueError("report_to='tensorboard' needs the tensorboard package: "
                          "pip install 'fedmomentum[tensorboard]'")
     return [n for n in names if n != "none"]
+
+
+def finite(value):
+    """``value`` with every float that is not finite replaced by ``None`` (in dicts, lists and tuples too)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line (non-finite numbers as ``null``)."""
+    return json.dumps(finite(record), allow_nan=False) + "\n"
 
 
 def scalars(record: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -97,17 +117,17 @@ class Records:
         for path in (self.metrics, self.layers):
             rows = [] if keep_rounds is None or not path.exists() else read_jsonl(path, torn_tail=True)
             rows = [row for row in rows if row["round"] <= (keep_rounds or 0)]
-            write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+            write_text(path, "".join(json_line(row) for row in rows))
             if path == self.metrics:
                 self.rows = rows
 
     def append(self, record: dict, layers: dict | None = None) -> None:
         self.rows.append(record)
         with writing(self.metrics), self.metrics.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_line(record))
         if layers is not None:
             with writing(self.layers), self.layers.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"round": record["round"], "layers": layers}) + "\n")
+                handle.write(json_line({"round": record["round"], "layers": layers}))
         if self.tensorboard is not None:
             self.tensorboard.write(record)
 

@@ -10,8 +10,12 @@ round's wait trains in that round. A node that says it lacks backbone deltas, th
 kept factors (``resync``) is resent what it lacks, at most ``MAX_RESENDS`` times.
 
 A partition without a node (none yet, or its node left) is waited for until ``node_deadline``, and after that
-only while other nodes of the round are still training; each train message is waited for ``round_timeout``
-seconds. A node that answered with an error is not sent the round again.
+only while other nodes of the round are still training or a hello is still in flight (a node that connected in time
+but answers slowly, on a busy machine, is not left out); each train message and each hello is waited for
+``round_timeout`` seconds. A node that answered with an error is not sent the round again. Replies are pulled with a
+size cap (``pull``): a train reply may take what the client's factors take (``replies.reply_cap``), a hello
+``replies.HELLO_CAP``; a larger one is refused before it is downloaded. Text from a node reaches the log and the
+records only through ``replies.shown``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from flwr.supercore import log
 from ..build import client_id
 from . import wire
 from .nodes import Node, Nodes
-from .replies import parse_resync
+from .pull import pull_replies
+from .replies import HELLO_CAP, REASON_CHARS, parse_resync, shown
 
 MAX_RESENDS = 2
 NO_NODE = "no connected node holds this partition"
@@ -42,21 +47,26 @@ class _Sent:
     node_id: int
     partition: int  # -1 for a hello
     deadline: float
+    cap: int = HELLO_CAP  # the most bytes its reply may take
 
 
 class Exchange:
     """The messages of one round; ``run`` returns the final train reply of each partition that got one.
 
     ``failed`` and ``rejected`` (partition → reason) say what happened to the others; ``down`` / ``up`` count the
-    array bytes sent to and received from each client; ``resyncs`` the resends.
+    array bytes sent to and received from each client; ``resyncs`` the resends; ``sent_to`` the node each
+    partition's train message last went to. ``reply_cap(partition)`` is the most bytes that partition's train reply
+    may take.
     """
 
     poll_seconds = 3.0  # between pulls of replies (as Flower's own ``send_and_receive``)
     node_poll_seconds = 6.0  # between looks at the node list
 
     def __init__(self, grid: Grid, nodes: Nodes, partitions: list[int], message: Callable[[Node, bool], Message],
-                 *, round_timeout: float, node_deadline: float, server_version: int) -> None:
+                 *, round_timeout: float, node_deadline: float, server_version: int,
+                 reply_cap: Callable[[int], int] | None = None) -> None:
         self.grid, self.nodes, self.partitions, self.message = grid, nodes, list(partitions), message
+        self.reply_cap = reply_cap or (lambda partition: HELLO_CAP)
         self.round_timeout, self.node_deadline, self.server_version = round_timeout, node_deadline, server_version
         self.replies: dict[int, Message] = {}
         self.failed: dict[int, str] = {p: NO_NODE for p in partitions}
@@ -64,6 +74,7 @@ class Exchange:
         self.down: dict[str, int] = {}
         self.up: dict[str, int] = {}
         self.resyncs = 0
+        self.sent_to: dict[int, int] = {}
         self._sent: dict[str, _Sent] = {}
         self._attempts: dict[int, int] = {}
         self._asked: set[int] = set()  # nodes sent a hello in this round (one each: a failing node is not flooded)
@@ -92,8 +103,10 @@ class Exchange:
         partition = node.partition
         message = self.message(node, full)
         give_up = give_up if give_up is not None else time.monotonic() + self.round_timeout
-        if self._push(message, _Sent("train", node.node_id, partition, time.monotonic() + self.round_timeout)):
+        sent = _Sent("train", node.node_id, partition, time.monotonic() + self.round_timeout, self.reply_cap(partition))
+        if self._push(message, sent):
             cid = client_id(partition)
+            self.sent_to[partition] = node.node_id
             self.down[cid] = self.down.get(cid, 0) + wire.array_bytes(message.content)
             self.failed.pop(partition, None)
             self._unsent.pop(partition, None)
@@ -132,12 +145,18 @@ class Exchange:
                     log(WARNING, "%s: its node %d disconnected", client_id(sent.partition), node_id)
         self._serve(self.nodes.forget(node_id, "disconnected"))
 
+    def _connected(self) -> dict[int, bytes] | None:
+        """Connected node id → its public key as the SuperLink reports it (empty without SuperNode auth)."""
+        infos = self._grid(self.grid.get_nodes)
+        if infos is None:
+            return None
+        return {int(info.node_id): bytes(getattr(info, "public_key", b"") or b"") for info in infos}
+
     def _poll_nodes(self) -> None:
         self._last_node_poll = time.monotonic()
-        connected = self._grid(self.grid.get_node_ids)
+        connected = self._connected()
         if connected is None:
             return
-        connected = set(connected)
         for node_id in [n for n in self.nodes.known if n not in connected]:
             self._disconnected(node_id)
         for node_id in self.nodes.refresh(connected):
@@ -154,8 +173,8 @@ class Exchange:
                 log(WARNING, "%s: its node %d disconnected", cid, sent.node_id)
                 self._disconnected(sent.node_id)
             else:
-                self.failed[partition] = f"error reply: {reply.error.reason}"
-                log(WARNING, "%s failed: %s", cid, reply.error.reason)
+                self.failed[partition] = f"error reply: {shown(reply.error.reason)}"
+                log(WARNING, "%s failed: %s", cid, self.failed[partition])
             return
         self.up[cid] = self.up.get(cid, 0) + wire.array_bytes(reply.content)
         node = self.nodes.get(sent.node_id)
@@ -184,17 +203,36 @@ class Exchange:
         try:
             self._on_train_reply(sent, reply)
         except Exception as error:  # any fault in one reply costs only that reply
-            self.rejected[sent.partition] = str(error) or type(error).__name__
-            self.failed.pop(sent.partition, None)
-            log(WARNING, "rejected the reply of %s: %s", client_id(sent.partition), self.rejected[sent.partition])
+            self._reject(sent, str(error) or type(error).__name__)
+
+    def _reject(self, sent: _Sent, reason: str) -> None:
+        if sent.kind == "hello":
+            self.nodes.ignore(sent.node_id, f"bad hello reply: {reason}")
+            return
+        self.rejected[sent.partition] = shown(reason, REASON_CHARS)
+        self.failed.pop(sent.partition, None)
+        log(WARNING, "rejected the reply of %s: %s", client_id(sent.partition), self.rejected[sent.partition])
+
+    def _pull(self) -> None:
+        """Pull the replies in flight (each within its cap) and handle them."""
+        pulled = self._grid(pull_replies, self.grid, list(self._sent), {i: s.cap for i, s in self._sent.items()})
+        replies, refused = pulled or ([], {})
+        for message_id, reason in refused.items():
+            sent = self._sent.pop(message_id, None)
+            if sent is not None:
+                self._reject(sent, reason)
+        for reply in replies:
+            self._on_reply(reply)
 
     # --- the loop ------------------------------------------------------------------------------------------
 
     def _waiting(self, now: float) -> bool:
-        """Messages are in flight, or (until ``node_deadline``) a partition still lacks a node."""
+        """Train messages are in flight, or a partition still lacks a node and it is before ``node_deadline`` or a
+        hello is in flight."""
         training = any(s.kind == "train" for s in self._sent.values()) or bool(self._unsent)
         homeless = any(self._open(p) and self.nodes.holder(p) is None for p in self.partitions)
-        return training or (homeless and now < self.node_deadline)
+        asking = any(s.kind == "hello" for s in self._sent.values())  # a node that connected in time may hold one
+        return training or (homeless and (now < self.node_deadline or asking))
 
     def run(self) -> dict[int, Message]:
         """Send to the holders of the round's partitions, wait, and return ``{partition: final reply}``."""
@@ -213,8 +251,7 @@ class Exchange:
                 break
             self._retry_unsent()
             if self._sent:
-                for reply in self._grid(self.grid.pull_messages, list(self._sent)) or []:
-                    self._on_reply(reply)
+                self._pull()
             if now - self._last_node_poll >= self.node_poll_seconds:
                 self._poll_nodes()
             if self._waiting(time.monotonic()) and self.poll_seconds:

@@ -14,12 +14,15 @@ accepts only keys the app declares, and the example app declares all of these):
   start over when the run stopped before its first checkpoint), ``overwrite`` (delete the run already in ``out``
   and start over; without it a new run refuses a folder that holds files), ``eval-data`` (the server's held-out
   data: a file or folder on the server, ``none`` for no evaluation, empty for the config's seeded held-out
-  examples), ``max-examples`` and ``max-factor-abs`` (limits on what a reply may claim, see ``replies.Limits``).
+  examples), ``max-examples`` and ``max-factor-abs`` (limits on what a reply may claim, see ``replies.Limits``),
+  ``node-keys`` (a file on the server binding each partition to a SuperNode's public key, see ``identity``) and
+  ``handover-after`` (rounds a holder may miss before a waiting node takes its partition, default 2; 0 = never).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Collection
 from logging import ERROR
 from pathlib import Path
@@ -32,11 +35,12 @@ from flwr.supercore import log
 from ..config import FIELDS, RunConfig, from_dict, merge
 from ..config import read as read_config
 from .replies import Limits
-from .strategy import LoraStrategy, write_failure
+from .strategy import LoraStrategy, failure_allowed, write_failure
 
 STRATEGY_KEYS = {"min-clients": ("min_clients", int), "round-timeout": ("round_timeout", float),
                  "node-timeout": ("node_timeout", float), "eval-data": ("eval_data", str),
-                 "overwrite": ("overwrite", bool)}
+                 "overwrite": ("overwrite", bool), "node-keys": ("node_keys", str),
+                 "handover-after": ("handover_after", int)}
 LIMIT_KEYS = {"max-examples": ("max_examples", int), "max-factor-abs": ("max_abs", float)}
 FLOWER_KEYS = (*STRATEGY_KEYS, *LIMIT_KEYS, "resume", "config-file")
 
@@ -114,27 +118,30 @@ def _explicit_keys(grid: Grid) -> set[str] | None:
 def make_server_app(config: RunConfig | None = None, *, resume: bool = False, **options) -> ServerApp:
     """A ServerApp running ``config`` (or, when omitted, the run config Flower gives it).
 
-    A failure leaves ``summary.json`` saying ``"status": "failed"`` and why, then ends the ServerApp with an error
-    (Flower marks the run failed).
+    A failure leaves ``summary.json`` saying ``"status": "failed"`` and why (a bad run config or option too, unless
+    ``out`` holds another run), then ends the ServerApp with an error (Flower marks the run failed).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if config is None:
-            try:
+        began = time.time()
+        out = str(config.out or f"runs/flower-{config.method}") if config is not None else \
+            str(context.run_config.get("out") or "")
+        try:
+            if config is None:
                 run_config, strategy_options, resume_run = parse_run_config(dict(context.run_config),
                                                                             _explicit_keys(grid))
-            except Exception as error:
-                out = context.run_config.get("out")
-                if out:
-                    write_failure(Path(str(out)), None, error)
-                else:
-                    log(ERROR, "bad run config: %s", error)
-                raise
-        else:
-            run_config, strategy_options, resume_run = config, {}, resume
-        strategy = LoraStrategy(run_config, **{**strategy_options, **options})
+                out = run_config.out or f"runs/flower-{run_config.method}"
+            else:
+                run_config, strategy_options, resume_run = config, {}, resume
+            strategy = LoraStrategy(run_config, **{**strategy_options, **options})
+        except Exception as error:
+            if out and failure_allowed(Path(out), began):
+                write_failure(Path(out), None, error)
+            else:
+                log(ERROR, "bad run config: %s", error)
+            raise
         strategy.start(grid, resume=resume_run)
 
     return app
