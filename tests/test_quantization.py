@@ -49,8 +49,8 @@ IDS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0)
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"quantization": "nf5"}, "quantization must be none, nf4, fp4 or int8"),
-    ({"quantization": "nf4", "compute_dtype": "fp8"}, "compute_dtype must be"),
+    ({"quantization": "nf5"}, "config key quantization = 'nf5': expected one of 'none', 'nf4', 'fp4', 'int8'"),
+    ({"quantization": "nf4", "compute_dtype": "fp8"}, "config key compute_dtype = 'fp8': expected one of"),
     ({"quantization": "int8", "compute_dtype": "bfloat16"}, "compute_dtype applies to nf4 and fp4 only"),
     ({"compute_dtype": "float32"}, "compute_dtype applies to nf4 and fp4 only"),
 ])
