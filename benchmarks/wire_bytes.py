@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from downlink import SCALING, make_round
 from flwr.app import RecordDict
 
 import fedmomentum as fm
+from downlink import SCALING, make_round
 from fedmomentum.flower import wire
 
 OPTIONS = {
