@@ -682,6 +682,10 @@ def test_flexlora_gives_a_client_above_the_global_rank_its_top_components(split)
         np.testing.assert_allclose(ALPHA / 8 * np64(first[layer].B) @ np64(first[layer].A),
                                    s * np64(pair.B) @ np64(pair.A), rtol=0,
                                    atol=F32 * s * np.abs(np64(pair.B) @ np64(pair.A)).max())
+    layer = next(iter(agg.lora))
+    wrong = {"tail_A": {layer: agg.state["tail_A"][layer][:, 1:]}, "tail_B": agg.state["tail_B"]}
+    with pytest.raises(ValueError, match="flexlora's state: tail_A .* do not fit the adapter"):
+        method.client_start(agg.lora, rank=8, scaling=ALPHA / 8, global_scaling=s, state=wrong)
     # the next round keeps the tail as wide as the widest client so far, even with only low-rank clients
     low = with_own_scaling(make_round(38, 36, 30, [2, 4, 4], 4)[1])  # rank(M) = 10
     again = method.aggregate(agg.lora, low, scaling=s, state=agg.state)

@@ -83,6 +83,11 @@ def _extended(pair: LoraPair, rank: int, tail_A: torch.Tensor | None, tail_B: to
     take = 0 if tail_A is None else min(rank - pair.rank, tail_A.shape[0])
     if take <= 0:
         return pair
+    if tail_B is None or tail_A.ndim != 2 or tail_B.ndim != 2 or tail_A.shape[1] != pair.A.shape[1] \
+            or tail_B.shape[0] != pair.B.shape[0] or tail_B.shape[1] != tail_A.shape[0]:
+        raise ValueError(f"flexlora's state: tail_A {tuple(tail_A.shape)} and tail_B "
+                         f"{None if tail_B is None else tuple(tail_B.shape)} do not fit the adapter's A "
+                         f"{tuple(pair.A.shape)}, B {tuple(pair.B.shape)} (another model?)")
     return LoraPair(torch.cat([pair.A, tail_A[:take].to(pair.A)], 0),
                     torch.cat([pair.B, tail_B[:, :take].to(pair.B)], 1))
 
