@@ -216,7 +216,6 @@ def make(config: RunConfig, with_data: bool = True) -> Plan:
     """The plan of ``config`` (validated): with ``with_data`` the examples each client holds (the data is generated
     or read, as the run will, which takes seconds), else only the shapes and bytes."""
     from . import build
-    from .schedule import client_ranks
 
     ids, examples, held_out = [], [], {}
     if with_data:
@@ -231,6 +230,8 @@ def make(config: RunConfig, with_data: bool = True) -> Plan:
     flow = None if shapes is None else traffic(config.method, config.method_options, shapes, config.lora_r,
                                                config.clients_per_round, config.rounds)
     if config.client_ranks not in (None, []):
+        from .schedule import client_ranks  # imports torch, as validating client_ranks does
+
         above = config.method == "flexlora" and max(client_ranks(config)) > config.lora_r
         notes.append("client_ranks set: the bytes are at lora_r; a client of rank r_k sends r_k/lora_r of them"
                      + ("; one above lora_r also receives r_k/lora_r (its top r_k components)" if above else ""))
