@@ -648,10 +648,48 @@ def test_flexlora_redistributes_at_each_client_rank():
         start = method.client_start(agg.lora, rank=rank, scaling=ALPHA / rank, global_scaling=s)
         got = ALPHA / rank * np64(start[layer].B) @ np64(start[layer].A)
         assert rel(got, truncated(M, rank)) < 1e-4
-    # a client above the global rank would get the kept 8 components zero-padded, not its top 12: refused
-    assert np.linalg.matrix_rank(M) > 8
-    with pytest.raises(ValueError, match="could not get its top 12"):
-        method.client_start(agg.lora, rank=12, scaling=ALPHA / 12, global_scaling=s)
+
+
+@pytest.mark.parametrize("split", ["balanced", "left"])
+def test_flexlora_gives_a_client_above_the_global_rank_its_top_components(split):
+    """Global rank 4, clients of ranks 2, 8, 4, 8, 2: the global adapter keeps the aggregate's top 4 components, the
+    state the next 4 (up to the largest client rank), and a client of rank r_k starts with ``s_k B_k A_k`` = the
+    top-r_k truncation of ``Σ p_k s_k B_k A_k`` (dense float64 reference); above 8, the extra slots are empty."""
+    global_lora, updates = make_round(37, 36, 30, [2, 8, 4, 8, 2], 4)
+    updates = with_own_scaling(updates)
+    s = ALPHA / 4
+    method = fm.methods.create("flexlora", dtype="float64", split=split)
+    agg = method.aggregate(global_lora, updates, scaling=s)
+    for layer, pair in agg.lora.items():
+        M = scaled_target(updates, layer, weights_of(updates))
+        S = np.linalg.svd(M, compute_uv=False)
+        assert pair.rank == 4 and agg.state["tail_A"][layer].shape[0] == 4 and S[8] > 0  # the tail is up to rank 8
+        for rank in (2, 4, 6, 8, 12):
+            start = method.client_start(agg.lora, rank=rank, scaling=ALPHA / rank, global_scaling=s,
+                                        state=agg.state)[layer]
+            assert start.rank == rank
+            kept = min(rank, 8)
+            gap = S[kept - 1] - S[kept]  # the truncation's conditioning
+            got = ALPHA / rank * np64(start.B) @ np64(start.A)
+            assert rel(got, truncated(M, kept)) < F64 * S[0] / gap, (layer, rank)
+            if rank > 8:
+                assert not start.B[:, 8:].any()  # nothing kept beyond the largest client rank: empty slots
+        assert rel(s * np64(pair.B) @ np64(pair.A), truncated(M, 4)) < F64 * S[0] / (S[3] - S[4])
+    # before any aggregate (round 1) the client of rank 8 starts from the global adapter, its extra slots empty
+    first = method.client_start(global_lora, rank=8, scaling=ALPHA / 8, global_scaling=s, state={})
+    for layer, pair in global_lora.items():
+        assert not first[layer].B[:, 4:].any()
+        np.testing.assert_allclose(ALPHA / 8 * np64(first[layer].B) @ np64(first[layer].A),
+                                   s * np64(pair.B) @ np64(pair.A), rtol=0,
+                                   atol=F32 * s * np.abs(np64(pair.B) @ np64(pair.A)).max())
+    layer = next(iter(agg.lora))
+    wrong = {"tail_A": {layer: agg.state["tail_A"][layer][:, 1:]}, "tail_B": agg.state["tail_B"]}
+    with pytest.raises(ValueError, match="flexlora's state: tail_A .* do not fit the adapter"):
+        method.client_start(agg.lora, rank=8, scaling=ALPHA / 8, global_scaling=s, state=wrong)
+    # the next round keeps the tail as wide as the widest client so far, even with only low-rank clients
+    low = with_own_scaling(make_round(38, 36, 30, [2, 4, 4], 4)[1])  # rank(M) = 10
+    again = method.aggregate(agg.lora, low, scaling=s, state=agg.state)
+    assert all(t.shape[0] == 4 for t in again.state["tail_A"].values())
 
 
 def test_check_ranks():
@@ -659,11 +697,10 @@ def test_check_ranks():
     fm.methods.create("fedmomentum").check_ranks(4, [2, 8])
     fm.methods.create("fedex-lora").check_ranks(8, [2, 8])
     fm.methods.create("flexlora").check_ranks(8, [2, 8])
+    fm.methods.create("flexlora").check_ranks(4, [2, 8])  # above the global rank: from the state's components
     fm.methods.create("fedit").check_ranks(4, [4, 4])
     with pytest.raises(ValueError, match="must not exceed"):
         fm.methods.create("fedex-lora").check_ranks(4, [2, 8])
-    with pytest.raises(ValueError, match="could not get its top 8: set lora_r to the largest client rank"):
-        fm.methods.create("flexlora").check_ranks(4, [2, 8])
     for name in ("fedit", "ffa-lora", "rolora", "frlora", "fedsa-lora"):
         with pytest.raises(ValueError, match=f"{name} needs every client at the global rank 4; it cannot mix"):
             fm.methods.create(name).check_ranks(4, [4, 8])

@@ -125,3 +125,7 @@ def test_the_plan_counts_the_examples_the_run_trains_on():
     rows = dict(line.split(None, 1) for line in plan.lines(made))
     assert rows["rounds"].startswith("10, 2 of 3 clients a round")
     assert plan.make(replace(config, client_ranks=[2, 4, 8])).notes[-1].startswith("client_ranks set")
+    flex = plan.make(replace(config, method="flexlora", lora_r=4, client_ranks=[2, 4, 8]), with_data=False)
+    assert "one above lora_r also receives r_k/lora_r" in flex.notes[-1]
+    assert "above" not in plan.make(replace(config, method="fedmomentum", lora_r=4, client_ranks=[2, 4, 8]),
+                                    with_data=False).notes[-1]

@@ -145,17 +145,19 @@ def train_round(
     client_id: str = "",
     pad_id: int = 0,
     on_step: Callable[[], None] | None = None,
+    method_state: StateDict | None = None,
 ) -> tuple[ClientUpdate, float]:
     """One client's round ``t``, as every engine runs it: an adapter of the client's own ``rank`` on ``model``
     (``peft_io.rank_adapter``), the start ``method`` gives it (``Method.client_start``: the global adapter at that
     rank, with what the client keeps, ``own``), then ``train_client``. The update carries the client's scaling and
     what it keeps until its next round (``ClientUpdate.keep``: the method's ``local`` factors and, with
     ``cfg.scaffold``, its control variate; ``control`` is the server's, ``ServerState.control``).
+    ``method_state``: the method's state (``ServerState.method``, its ``start_state`` slots suffice).
     """
     adapter = rank_adapter(model, rank)
     start = method.client_start(global_lora, own=corrections.method_part(own), t=t,
                                 rank=rank if adapter != ADAPTER else None, scaling=scaling(model, adapter),
-                                global_scaling=scaling(model))
+                                global_scaling=scaling(model), state=method_state)
     shift = ({factor: corrections.correction(control, own, start, factor) for factor in ("A", "B")
               if trainable[factor]} if cfg.scaffold else None)
     with active_adapter(model, adapter):

@@ -155,7 +155,8 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     trained = engine.train_round(t, state, setup.method.trainable(t), lr)
     aggregating = time.perf_counter()
     updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
-                                            scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k)
+                                            scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k,
+                                            method_state=state.method)
     result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
     aggregation_seconds = time.perf_counter() - aggregating
     measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,

@@ -230,7 +230,11 @@ def make(config: RunConfig, with_data: bool = True) -> Plan:
     flow = None if shapes is None else traffic(config.method, config.method_options, shapes, config.lora_r,
                                                config.clients_per_round, config.rounds)
     if config.client_ranks not in (None, []):
-        notes.append("client_ranks set: the bytes are at lora_r; a client of rank r_k sends r_k/lora_r of them")
+        from .schedule import client_ranks  # imports torch, as validating client_ranks does
+
+        above = config.method == "flexlora" and max(client_ranks(config)) > config.lora_r
+        notes.append("client_ranks set: the bytes are at lora_r; a client of rank r_k sends r_k/lora_r of them"
+                     + ("; one above lora_r also receives r_k/lora_r (its top r_k components)" if above else ""))
     return Plan(config, ids, examples, held_out, shapes, flow, notes)
 
 

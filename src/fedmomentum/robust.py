@@ -116,20 +116,24 @@ def mixture(start: dict[str, LoraPair], trained: dict[str, LoraPair], c: float) 
 
 
 def client_start(method, global_lora: dict[str, LoraPair], *, rank: int, client_scaling: float | None,
-                 scaling: float, t: int, own: StateDict | None = None) -> dict[str, LoraPair]:
+                 scaling: float, t: int, own: StateDict | None = None,
+                 method_state: StateDict | None = None) -> dict[str, LoraPair]:
     """Where a client of ``rank`` (LoRA scaling ``client_scaling``) started round ``t``, as ``client.train_round``
     asks the method: the global adapter at the client's rank, with what the client kept (``own``,
-    ``ServerState.clients``)."""
+    ``ServerState.clients``) and, for FlexLoRA above the global rank, the method's state (``ServerState.method``)."""
     other = rank != next(iter(global_lora.values())).rank
     return method.client_start(global_lora, own=method_part(own), t=t, rank=rank if other else None,
-                               scaling=client_scaling if other else None, global_scaling=scaling if other else None)
+                               scaling=client_scaling if other else None, global_scaling=scaling if other else None,
+                               state=method_state)
 
 
 def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, StateDict], updates: list[ClientUpdate],
-                  *, scaling: float, t: int, clip: str = "median", k: float = 2.0) -> tuple[list[ClientUpdate], dict]:
+                  *, scaling: float, t: int, clip: str = "median", k: float = 2.0,
+                  method_state: StateDict | None = None) -> tuple[list[ClientUpdate], dict]:
     """Each update's norm and, with ``clip="median"``, the updates beyond ``k ×`` the median norm clipped to it.
 
-    ``kept`` is what each client kept between rounds (``ServerState.clients``). Returns the updates to aggregate
+    ``kept`` is what each client kept between rounds (``ServerState.clients``), ``method_state`` the method's state
+    (``ServerState.method``: where FlexLoRA starts a client above the global rank). Returns the updates to aggregate
     (the others unchanged; a clipped one keeps its ``keep``) and the round's record: ``update_norms`` (client →
     ``‖u_i‖``), ``clip_threshold`` (``τ``, or None without clipping) and ``clipped`` (client → ``c``).
     """
@@ -139,7 +143,7 @@ def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, Stat
         return updates, {"update_norms": {}, "clip_threshold": None, "clipped": {}}
     first = next(iter(global_lora))
     starts = [client_start(method, global_lora, rank=u.factors[first].rank, client_scaling=u.scaling, scaling=scaling,
-                           t=t, own=kept.get(u.client_id)) for u in updates]
+                           t=t, own=kept.get(u.client_id), method_state=method_state) for u in updates]
     scalings = [scaling if u.scaling is None else float(u.scaling) for u in updates]
     norms = [update_norm(start, u.factors, s) for start, u, s in zip(starts, updates, scalings, strict=True)]
     names = [u.client_id or str(i) for i, u in enumerate(updates)]

@@ -47,7 +47,8 @@ class InProcess(Engine):
                                            config.train_config(), rank=self.ranks[client],
                                            own=state.clients.get(client_id), control=state.control, t=t, lr=lr,
                                            seed=client_seed(config, t, client), client_id=client_id,
-                                           pad_id=self.setup.tokenizer.pad_token_id, on_step=steps.update)
+                                           pad_id=self.setup.tokenizer.pad_token_id, on_step=steps.update,
+                                           method_state=state.method)
                 updates.append(update)
                 losses.append(loss)
         return ClientRound(updates, losses)

@@ -238,10 +238,11 @@ def train(message: Message, context: Context) -> Message:
     trainable = {"A": bool(settings["train-A"]), "B": bool(settings["train-B"])}
     examples = worker.examples(context.node_config, pid)
     control = wire.record_to_own(message.content["control"]) if "control" in message.content else None
+    method_state = wire.record_to_own(message.content["method-state"]) if "method-state" in message.content else None
     update, loss = train_round(worker.model, worker.method, examples, global_lora, trainable, config.train_config(),
                                rank=client_ranks(config)[pid], own=own, control=control, t=int(settings["round"]),
                                lr=float(settings["lr"]), seed=int(settings["seed"]), client_id=client_id(pid),
-                               pad_id=worker.tokenizer.pad_token_id)
+                               pad_id=worker.tokenizer.pad_token_id, method_state=method_state)
     if update.keep:
         context.state[STATE_OWN] = wire.own_to_record(update.keep)
     factors = tuple(f for f in ("A", "B") if trainable[f])

@@ -172,9 +172,14 @@ class LoraStrategy(Strategy, driver.Engine):
 
         def message(node: Node, full: bool = False) -> Message:
             seed = client_seed(self.config, server_round, node.partition)
-            return train_message(node, config, arrays, self.backbone_log, seed, server_round, full,
+            sent = train_message(node, config, arrays, self.backbone_log, seed, server_round, full,
                                  own=self.state.clients.get(client_id(node.partition)), local=self.method.local,
                                  control=self.state.control if self.config.scaffold else None)
+            start_state = {slot: self.state.method[slot] for slot in self.method.start_state
+                           if slot in self.state.method}
+            if start_state and self.ranks[node.partition] > self.config.lora_r:  # FlexLoRA's components beyond r
+                sent.content["method-state"] = wire.own_to_record(start_state)
+            return sent
 
         trained = self.method.trainable(server_round)
         exchange = Exchange(grid, self.nodes, sampled, message, round_timeout=self.round_timeout,
@@ -191,7 +196,7 @@ class LoraStrategy(Strategy, driver.Engine):
         trained = self.collect(server_round, self._round["exchange"].settle(list(replies)))
         updates, _ = robust.bound_updates(self.method, self.state.lora, self.state.clients, trained.updates,
                                           scaling=self.setup.scaling, t=server_round, clip=self.config.clip,
-                                          k=self.config.clip_k)
+                                          k=self.config.clip_k, method_state=self.state.method)
         result = self.method.aggregate(self.state.lora, updates, scaling=self.setup.scaling, t=server_round,
                                        state=self.state.method)
         self.state = driver.advance(self.setup, self.state, result, trained.updates, server_round)
@@ -328,7 +333,8 @@ class LoraStrategy(Strategy, driver.Engine):
         replay of the client's earlier factors), its loss and the digest of its factors."""
         cid, rank = client_id(partition), self.ranks[partition]
         start = robust.client_start(self.method, self.global_lora, rank=rank, client_scaling=self.client_scaling(rank),
-                                    scaling=self.setup.scaling, t=t, own=self.state.clients.get(cid))
+                                    scaling=self.setup.scaling, t=t, own=self.state.clients.get(cid),
+                                    method_state=self.state.method)
         update, loss = parse_train_reply(reply, cid, partition, self.global_lora, trainable, self.backbone_log.version,
                                          self.limits, rank=rank, scaling=self.client_scaling(rank), start=start)
         self.method.validate(self.global_lora, [update], self.setup.scaling)

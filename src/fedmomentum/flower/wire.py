@@ -1,6 +1,11 @@
 """What crosses the network: LoRA factors and backbone deltas as Flower ``ArrayRecord``s, and their byte counts.
 
-Everything travels as float32 numpy arrays (numpy has no bfloat16). Keys:
+Every array travels npy-encoded (``np.save``: the values plus a 128-byte header for a matrix). Adapter factors are
+float32; a backbone delta's factors travel in the narrowest of float32, float16 and bfloat16 that holds their values
+exactly (``delta_array``): FedMomentum's ``residual_dtype`` rounds its residual, so it goes out at 2 bytes a value,
+and every other delta at 4. numpy has no bfloat16: its 16-bit payload (the high half of each float32) travels as
+uint16, the ``Array``'s dtype tag saying ``bfloat16``. A node checks each delta array (``decode_delta``: the tag,
+the npy header against it, the byte count, finite values) before it uses it. Keys:
 
 - adapter factors: ``"<layer>/A"`` and ``"<layer>/B"`` (PEFT shapes ``(r, in)`` and ``(out, r)``); a train
   message carries them as two records, ``global-A`` and ``global-B``, each only when the node lacks it, and what a
@@ -17,7 +22,9 @@ Nothing here is dense: a delta stays in its factored form from the method to the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 
 import numpy as np
 import torch
@@ -26,6 +33,10 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from ..checkpoint import SLOT
 from ..config import MAY_CHANGE_ON_RESUME, RunConfig
 from ..types import LoraPair, LowRank
+
+NUMPY = "numpy.ndarray"  # Flower's stype for np.save-encoded arrays
+DELTA_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # a delta's wire dtype tag → its npy dtype
+MAX_HEADER = 4096  # bytes an npy header may take (np.save writes 128 for a matrix)
 
 
 def _array(tensor: torch.Tensor) -> Array:
@@ -113,27 +124,94 @@ def record_to_own(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
     return own
 
 
+def delta_array(tensor: torch.Tensor) -> Array:
+    """One factor of a backbone delta, in the narrowest wire dtype that holds its float32 values exactly: bfloat16
+    (every value's low 16 bits zero), float16 (every value survives the round trip), else float32. Lossless, so
+    every node applies the very values the server applied."""
+    values = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+    bits = values.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return _tagged("bfloat16", (bits >> 16).astype(np.uint16))
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, so not float16
+        half = values.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), values):
+        return Array(half)
+    return Array(values)
+
+
+def _tagged(dtype: str, values: np.ndarray) -> Array:
+    """``values`` npy-encoded under the dtype tag ``dtype``."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return Array(dtype=dtype, shape=tuple(values.shape), stype=NUMPY, data=buffer.getvalue())
+
+
+def decode_delta(array: object, what: str) -> torch.Tensor:
+    """A backbone delta's factor back as float32, checked before use: an npy-encoded matrix whose tag is a wire
+    dtype (``DELTA_DTYPES``), whose header says that dtype and the declared shape, holding exactly that shape's
+    bytes, with finite values. Anything else is a ``ValueError`` naming ``what`` and the fault."""
+    if not isinstance(array, Array) or array.stype != NUMPY:
+        raise ValueError(f"{what}: not an npy-encoded Array")
+    if array.dtype not in DELTA_DTYPES:
+        raise ValueError(f"{what}: dtype tag {str(array.dtype)[:40]!r}, backbone deltas travel as "
+                         f"{', '.join(DELTA_DTYPES)}")
+    shape = tuple(array.shape)
+    if len(shape) != 2 or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"{what}: shape {shape[:4]}, a delta's factor is a matrix")
+    descr = DELTA_DTYPES[array.dtype]
+    body = np.dtype(descr).itemsize * math.prod(shape)
+    data = array.data
+    if not isinstance(data, bytes | bytearray | memoryview) or not body < len(data) <= body + MAX_HEADER:
+        raise ValueError(f"{what}: {len(data) if hasattr(data, '__len__') else '?'} bytes, a {shape} {array.dtype} "
+                         f"matrix takes {body} plus an npy header")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        declared, fortran, dtype = reader(stream, max_header_size=MAX_HEADER)
+    except (KeyError, ValueError, SyntaxError, TypeError) as error:
+        raise ValueError(f"{what}: not an npy-encoded array ({error or 'unsupported npy version'})") from None
+    if tuple(declared) != shape or dtype != np.dtype(descr) or fortran:
+        raise ValueError(f"{what}: its npy header says shape {tuple(declared)}, dtype {dtype}"
+                         f"{', Fortran order' if fortran else ''}; the Array says {shape} {array.dtype}")
+    if len(data) - stream.tell() != body:
+        raise ValueError(f"{what}: {len(data) - stream.tell()} bytes of values, a {shape} {array.dtype} matrix "
+                         f"takes {body}")
+    values = np.frombuffer(data, dtype=descr, count=math.prod(shape), offset=stream.tell()).reshape(shape)
+    if array.dtype == "bfloat16":  # the high half of each float32
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    tensor = torch.from_numpy(values.astype(np.float32))  # a copy: the message's bytes stay read-only
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} has NaN or Inf values")
+    return tensor
+
+
 def deltas_to_record(log: dict[int, dict[str, LowRank]]) -> ArrayRecord:
-    """Backbone deltas of several log entries (``{entry: {layer: LowRank}}``) as one ``ArrayRecord``."""
-    return ArrayRecord({f"{entry}/{name}/{side}": _array(getattr(delta, attr))
+    """Backbone deltas of several log entries (``{entry: {layer: LowRank}}``) as one ``ArrayRecord``, each factor
+    in the narrowest wire dtype that holds it exactly (``delta_array``)."""
+    return ArrayRecord({f"{entry}/{name}/{side}": delta_array(getattr(delta, attr))
                         for entry, deltas in sorted(log.items()) for name, delta in deltas.items()
                         for side, attr in (("L", "left"), ("R", "right"))})
 
 
 def record_to_deltas(record: ArrayRecord) -> dict[int, dict[str, LowRank]]:
-    """``{entry: {layer: LowRank}}`` back from ``deltas_to_record``."""
+    """``{entry: {layer: LowRank}}`` back from ``deltas_to_record``, every array checked (``decode_delta``), and
+    each delta's factors of matching inner size; a fault is a ``ValueError`` naming the array."""
     sides: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, array in record.items():
         entry, sep, rest = key.partition("/")
         name, sep2, side = rest.rpartition("/")
         if not (sep and sep2 and entry.isdigit() and name and side in ("L", "R")):
             raise ValueError(f"unexpected array {key!r}: backbone keys are '<entry>/<layer>/L' or '/R'")
-        sides.setdefault(int(entry), {}).setdefault(name, {})[side] = _tensor(array)
+        sides.setdefault(int(entry), {}).setdefault(name, {})[side] = decode_delta(array, f"backbone array {key!r}")
     log: dict[int, dict[str, LowRank]] = {}
     for entry, layers in sides.items():
         for name, pair in layers.items():
             if set(pair) != {"L", "R"}:
                 raise ValueError(f"backbone delta of log entry {entry}, layer {name!r} lacks a factor")
+            if pair["L"].shape[1] != pair["R"].shape[0]:
+                raise ValueError(f"backbone delta of log entry {entry}, layer {name!r}: L {tuple(pair['L'].shape)} "
+                                 f"and R {tuple(pair['R'].shape)} are not the factors of one product")
             log.setdefault(entry, {})[name] = LowRank(pair["L"], pair["R"])
     return log
 

@@ -71,6 +71,7 @@ class Method:
     update_space: ClassVar[str] = "factors"
     svd: str = "auto"  # the route of the SVDs asked for in ``svd_terms`` (an option of some methods)
     backbone_wire_bytes: int = WIRE_BYTES  # bytes per value of the backbone deltas as sent
+    start_state: ClassVar[tuple[str, ...]] = ()  # the state's slots ``client_start`` reads (sent to such clients)
 
     def __init__(self, options: MethodOptions | None = None, **values):
         """``options``: this method's checked ``Options`` (``methods.create`` passes them), or their fields as
@@ -216,6 +217,7 @@ class Method:
         scaling: float | None = None,
         global_scaling: float | None = None,
         t: int = 1,
+        state: StateDict | None = None,
     ) -> dict[str, LoraPair]:
         """The adapter a client trains from in round ``t``.
 
@@ -223,7 +225,9 @@ class Method:
         adapter's (``global_scaling`` = ``s``). The client's model then starts as ``s_k B_k A_k = s B A`` exactly
         when ``r_k ≥ rank(B A)`` (new slots get ``B`` column 0 and a fresh ``A`` row), else as its best rank-``r_k``
         part (FlexLoRA's redistribution: the truncated SVD). ``own``: the client's kept factors
-        (``{"B": {layer: B_k}}``, see ``local_state``), used instead of the global ones.
+        (``{"B": {layer: B_k}}``, see ``local_state``), used instead of the global ones. ``state``: the method's
+        state after the previous round (``ServerState.method``; only its ``start_state`` slots are needed, which
+        FlexLoRA uses for clients above the global rank).
         """
         resize = rank is not None
         if resize and not self.mixed_ranks:
