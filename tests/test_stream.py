@@ -297,8 +297,8 @@ def test_a_streamed_round_equals_the_all_at_once_round(name, options, ranks, t, 
         for key, value in theirs.items():
             if key == "svd":  # either exact route (a streamed sum turns dense once that takes less room)
                 assert mine[key] in linalg.EXACT_KINDS and value in linalg.EXACT_KINDS
-            elif key == "residual_rank" and mine["svd"] != theirs["svd"] and "server_opt" in options:
-                assert mine[key] <= min(SHAPES[layer])  # the optimizer's delta: as the dense SVD's factors
+            elif key == "residual_rank" and "server_opt" in options:  # the optimizer's delta, as its factors:
+                assert mine[key] <= value  # a dense sum's SVD factors are no wider than the stacked ones
             elif isinstance(value, float):
                 assert mine[key] == pytest.approx(value, rel=1e-3, abs=tol), key
             else:
