@@ -4,6 +4,7 @@ number of clients. References: numpy float64 on the dense sum, and the all-at-on
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -382,3 +383,37 @@ def test_fold_checks_each_update_as_it_arrives():
     with pytest.raises(fm.UpdateError, match="num_examples"):
         accumulator.fold(fm.ClientUpdate(updates[1].factors, 0, "client_1"))
     assert accumulator.count == 1  # the refused updates left the sums as they were
+
+
+# --- rounds streamed through the run loop (``driver.run_round``) ------------------------------------------------
+
+
+@pytest.mark.parametrize("method,options", [("fedmomentum", {}), ("fedit", {})])
+def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_path, tiny_model, small_config,
+                                                        monkeypatch):
+    """The tiny model, one round of 3 clients through the in-process engine with ``STREAM_FROM`` lowered so that
+    it streams: the same updates (the clients train identically), the same adapter to round-off, the same records
+    but ``noise_share`` (not measured when streaming) and ``streamed``."""
+    import copy
+
+    from fedmomentum import checkpoint, driver, simulation
+
+    runs = {}
+    for streamed in (False, True):
+        monkeypatch.setattr(driver, "STREAM_FROM", 1 if streamed else 10**9)
+        config = small_config(tmp_path / str(streamed), method=method, method_options=options, rounds=1,
+                              clients_per_round=3, clip="none", eval_every=1, accuracy_every=0)
+        simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
+        state, _ = checkpoint.load(tmp_path / str(streamed) / driver.CHECKPOINT)
+        rows = [json.loads(line) for line in (tmp_path / str(streamed) / "metrics.jsonl").read_text().splitlines()]
+        runs[streamed] = state, rows[-1]
+    (collected, row), (streamed, streamed_row) = runs[False], runs[True]
+    assert streamed_row.get("streamed") is True and "streamed" not in row
+    assert streamed_row["client_ids"] == row["client_ids"] and streamed_row["train_loss"] == row["train_loss"]
+    assert streamed_row["update_norms"] == row["update_norms"]
+    size = max(float(p.B.abs().max() * p.A.abs().max()) for p in collected.lora.values())
+    tol = 64 * 3 * EPS[torch.float32] * max(p.A.shape[1] for p in collected.lora.values()) * max(size, 1e-3)
+    for name, pair in collected.lora.items():
+        other = streamed.lora[name]
+        assert float((other.B @ other.A - pair.B @ pair.A).abs().max()) <= tol, name
+    assert streamed_row.get("noise_share") is None
