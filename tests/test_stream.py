@@ -417,3 +417,32 @@ def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_pat
         other = streamed.lora[name]
         assert float((other.B @ other.A - pair.B @ pair.A).abs().max()) <= tol, name
     assert streamed_row.get("noise_share") is None
+
+
+def test_the_flower_strategy_folds_each_reply_as_it_arrives(tmp_path, small_config, monkeypatch):
+    """The Flower engine on the in-process grid (Flower's wire format), one round of three nodes, one of which sends
+    NaN factors: streamed, its reply is rejected with the reason and the other two are folded as they arrive (no
+    reply kept: the exchange holds None for them); the adapter equals the round that collects, to round-off."""
+    from fedmomentum import checkpoint, driver
+    from flower_helpers import LocalGrid, faulty_client_app, run_local
+
+    states, records = {}, {}
+    for streamed in (False, True):
+        monkeypatch.setattr(driver, "STREAM_FROM", 1 if streamed else 10**9)
+        config = small_config(tmp_path / str(streamed), rounds=1, clients=3, clients_per_round=3, clip="none",
+                              train_per_family=16, accuracy_per_family=0, partition="iid")
+        strategy = run_local(config, LocalGrid(faulty_client_app({2: "nan"}), range(3), 3, run_id=7))
+        if streamed:
+            assert list(strategy._round["exchange"].replies.values()) == [None, None, None]
+        states[streamed] = checkpoint.load(tmp_path / str(streamed) / driver.CHECKPOINT)[0]
+        records[streamed] = [json.loads(line) for line in
+                             (tmp_path / str(streamed) / "metrics.jsonl").read_text().splitlines()][-1]
+    assert records[True].get("streamed") is True and "streamed" not in records[False]
+    for record in records.values():
+        assert record["client_ids"] == ["client-0", "client-1"] and "NaN or Inf" in record["rejected"]["client-2"]
+    assert records[True]["update_norms"] == records[False]["update_norms"]
+    size = max(float(p.B.abs().max() * p.A.abs().max()) for p in states[False].lora.values())
+    tol = 64 * 2 * EPS[torch.float32] * max(p.A.shape[1] for p in states[False].lora.values()) * max(size, 1e-3)
+    for name, pair in states[False].lora.items():
+        other = states[True].lora[name]
+        assert float((other.B @ other.A - pair.B @ pair.A).abs().max()) <= tol, name
