@@ -446,3 +446,19 @@ def test_the_flower_strategy_folds_each_reply_as_it_arrives(tmp_path, small_conf
     for name, pair in states[False].lora.items():
         other = states[True].lora[name]
         assert float((other.B @ other.A - pair.B @ pair.A).abs().max()) <= tol, name
+
+
+@pytest.mark.slow
+def test_a_flower_round_of_100_light_nodes_streams(tmp_path, small_config):
+    """100 nodes of the tiny model (one local step of one example each) on the in-process grid: one round that
+    streams (100 ≥ ``STREAM_FROM``) accepts every reply and records per-client bytes for each."""
+    from fedmomentum.flower.client_app import make_client_app
+    from flower_helpers import LocalGrid, run_local
+
+    config = small_config(tmp_path / "run", rounds=1, clients=100, clients_per_round=100, clip="none",
+                          families=["basic_arithmetic"], train_per_family=100, local_steps=1, batch_size=1,
+                          accuracy_per_family=0, partition="iid")
+    run_local(config, LocalGrid(make_client_app(), range(100), 100, run_id=11))
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["streamed"] is True and len(record["client_ids"]) == 100 and not record["rejected"]
+    assert len(record["uplink_bytes_per_client"]) == 100 and len(record["update_norms"]) == 100
