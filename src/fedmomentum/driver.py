@@ -59,7 +59,9 @@ class Engine:
     """Trains the sampled clients of a round; ``run`` does everything else. One method to implement:
 
     - ``train_round(t, state, trainable, lr)``: train round ``t``'s sampled clients, each from the global adapter
-      ``state.lora`` (and what it keeps, ``state.clients``), and return their updates;
+      ``state.lora`` (and what it keeps, ``state.clients``), and return their updates; an engine with the feature
+      "stream" also takes ``fold=``: in a round that streams (``streams``), it calls ``fold(update)`` on each
+      accepted update as soon as it has it, and returns the updates without their factors (``folded``);
 
     and hooks for an engine that keeps files or talks to remote clients (the Flower engine):
 
@@ -75,7 +77,7 @@ class Engine:
     progress_bar = True  # a tqdm bar over rounds (else only the per-round lines)
     # what the engine can do beyond plain rounds (``check_engine``): "start" (pass a method's change before round 1,
     # ``Method.start``, on to the clients), "client_state" (clients keep factors between rounds, ``Method.local``),
-    # "client_ranks" (clients of other LoRA ranks)
+    # "client_ranks" (clients of other LoRA ranks), "stream" (fold each update as it arrives, see ``train_round``)
     features: frozenset[str] = frozenset()
 
     def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> ClientRound:
@@ -146,21 +148,44 @@ def open_run(setup: Setup, engine: Engine, out: Path, resume: bool, overwrite: b
     return state, spent, resume
 
 
+STREAM_FROM = 64  # a round of at least this many clients streams, when nothing in it needs every update at once
+
+
+def streams(setup: Setup, t: int) -> bool:
+    """Whether round ``t`` folds each update into the aggregate as it arrives (``Method.open_round``), so the
+    server's memory does not grow with the number of clients: from ``STREAM_FROM`` clients a round, unless
+    something needs every update at once: median clipping (``clip``), SCAFFOLD's or the method's state kept per
+    client (``scaffold``, ``Method.local``), clients above the global rank that start from the method's state
+    (``Method.start_state``: FlexLoRA's tail), or a method that cannot stream (``Method.stream_sums``: FRLoRA, the
+    ``randomized`` SVD route)."""
+    config, method = setup.config, setup.method
+    return (config.clients_per_round >= STREAM_FROM and config.clip == "none" and not config.scaffold
+            and not method.local and not (method.start_state and config.client_ranks not in (None, []))
+            and method.stream_sums(t) is not None)
+
+
 def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple[ServerState, Aggregate, dict]:
     """Round ``t``: train its clients through ``engine``, bound each update's influence (``robust``: norms recorded,
     clipped with ``clip``), aggregate, apply the result to the server's model and evaluate when due; returns the
-    next state, the aggregate and the round's record."""
+    next state, the aggregate and the round's record. A round that ``streams`` folds each update into the
+    aggregate as the engine hands it over (an engine with the ``stream`` feature, as each client finishes; any
+    other, after the round) and drops it; it records no ``noise_share`` (that needs every update at once)."""
     config, started = setup.config, time.perf_counter()
     lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
-    trained = engine.train_round(t, state, setup.method.trainable(t), lr)
-    aggregating = time.perf_counter()
-    updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
-                                            scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k,
-                                            method_state=state.method)
-    result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
-    aggregation_seconds = time.perf_counter() - aggregating
+    if streams(setup, t):
+        trained, result, bounded, aggregation_seconds = _streamed_round(setup, engine, state, t, lr)
+        clients, weights = [], []
+    else:
+        trained = engine.train_round(t, state, setup.method.trainable(t), lr)
+        aggregating = time.perf_counter()
+        updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
+                                                scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k,
+                                                method_state=state.method)
+        result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
+        aggregation_seconds = time.perf_counter() - aggregating
+        clients, weights = [u.factors for u in updates], setup.method.client_weights(updates)
     measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,
-                                 [u.factors for u in updates], setup.method.client_weights(updates))
+                                 clients, weights)
     for name, layer in measured.layers.items():
         result.stats["layers"][name].update(layer)
     state = replace(advance(setup, state, result, trained.updates, t), momentum=momentum)
@@ -183,6 +208,40 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
         record["eval_seconds"] = time.perf_counter() - eval_started
     record["round_seconds"] = time.perf_counter() - started  # training, aggregation and evaluation
     return state, result, record
+
+
+def _streamed_round(setup: Setup, engine: Engine, state: ServerState, t: int,
+                    lr: float) -> tuple[ClientRound, Aggregate, dict, float]:
+    """A round that streams (see ``run_round``): the engine's round, its aggregate, the record of the updates'
+    norms (``robust``, without clipping) and the seconds spent folding and finishing."""
+    method = setup.method
+    accumulator = method.open_round(state.lora, scaling=setup.scaling, t=t, state=state.method)
+    norms: dict[str, float] = {}
+    seconds = [0.0]
+
+    def fold(update: ClientUpdate) -> None:
+        folding = time.perf_counter()
+        _, record = robust.bound_updates(method, state.lora, state.clients, [update], scaling=setup.scaling, t=t,
+                                         clip="none", method_state=state.method)
+        accumulator.fold(update)
+        norms.update(record["update_norms"])
+        seconds[0] += time.perf_counter() - folding
+
+    if "stream" in engine.features:
+        trained = engine.train_round(t, state, method.trainable(t), lr, fold=fold)
+    else:
+        trained = engine.train_round(t, state, method.trainable(t), lr)
+        for update in trained.updates:
+            fold(update)
+    finishing = time.perf_counter()
+    result = accumulator.finish()
+    bounded = {"update_norms": norms, "clip_threshold": None, "clipped": {}, "streamed": True}
+    return trained, result, bounded, seconds[0] + time.perf_counter() - finishing
+
+
+def folded(update: ClientUpdate) -> ClientUpdate:
+    """What an engine that streams keeps of an update once it is folded: everything but the factors."""
+    return replace(update, factors={})
 
 
 def advance(setup: Setup, state: ServerState, result: Aggregate, updates: list[ClientUpdate], t: int) -> ServerState:

@@ -9,23 +9,25 @@ clients between rounds (FedSA-LoRA's ``B``) comes from the server's state (``Ser
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
 from .build import Setup, client_examples, client_id, client_ids, encode_all, prepare
 from .client import train_round
 from .config import RunConfig, default_out
-from .driver import ClientRound, Engine
+from .driver import ClientRound, Engine, folded
 from .driver import run as drive
 from .evaluate import mixtures
 from .schedule import client_ranks, client_seed, sample_clients
 from .state import ServerState
+from .types import ClientUpdate
 
 
 class InProcess(Engine):
     """Trains each sampled client in this process, on the server's own model."""
 
-    features = frozenset({"start", "client_state", "client_ranks"})
+    features = frozenset({"start", "client_state", "client_ranks", "stream"})
 
     def __init__(self, setup: Setup, client_data: list[list[dict]], ids: list[str] | None = None,
                  quiet: bool = False):
@@ -34,7 +36,8 @@ class InProcess(Engine):
         self.ranks = client_ranks(setup.config)
         self.quiet = quiet
 
-    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> ClientRound:
+    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float,
+                    fold: Callable[[ClientUpdate], None] | None = None) -> ClientRound:
         config, model, method = self.setup.config, self.setup.model, self.setup.method
         sampled = sample_clients(config, t)
         updates, losses = [], []
@@ -49,6 +52,9 @@ class InProcess(Engine):
                                            seed=client_seed(config, t, client), client_id=client_id,
                                            pad_id=self.setup.tokenizer.pad_token_id, on_step=steps.update,
                                            method_state=state.method)
+                if fold is not None:  # a streamed round: into the aggregate, and only the rest is kept
+                    fold(update)
+                    update = folded(update)
                 updates.append(update)
                 losses.append(loss)
         return ClientRound(updates, losses)

@@ -68,7 +68,9 @@ class Exchange:
         self.grid, self.nodes, self.partitions, self.message = grid, nodes, list(partitions), message
         self.reply_cap = reply_cap or (lambda partition: HELLO_CAP)
         self.round_timeout, self.node_deadline, self.server_version = round_timeout, node_deadline, server_version
-        self.replies: dict[int, Message] = {}
+        self.replies: dict[int, Message | None] = {}
+        # a round that streams: each final train reply is handed over as it is pulled and not kept (None in replies)
+        self.on_reply: Callable[[int, Message], None] | None = None
         self.failed: dict[int, str] = {p: NO_NODE for p in partitions}
         self.rejected: dict[int, str] = {}
         self.down: dict[str, int] = {}
@@ -190,8 +192,12 @@ class Exchange:
                     " and lacks its client's own factors" if resync.own else "")
                 self._send_train(node, resync.full_adapter)
                 return
-        self.replies[partition] = reply
         self.failed.pop(partition, None)
+        if self.on_reply is not None:
+            self.replies[partition] = None
+            self.on_reply(partition, reply)
+        else:
+            self.replies[partition] = reply
 
     def _on_reply(self, reply: Message) -> None:
         sent = self._sent.pop(reply.metadata.reply_to_message_id, None)
@@ -234,8 +240,9 @@ class Exchange:
         asking = any(s.kind == "hello" for s in self._sent.values())  # a node that connected in time may hold one
         return training or (homeless and (now < self.node_deadline or asking))
 
-    def run(self) -> dict[int, Message]:
-        """Send to the holders of the round's partitions, wait, and return ``{partition: final reply}``."""
+    def run(self) -> dict[int, Message | None]:
+        """Send to the holders of the round's partitions, wait, and return ``{partition: final reply}`` (None for
+        a reply handed to ``on_reply`` as it arrived)."""
         self._poll_nodes()
         for partition in self.partitions:
             self._serve(self.nodes.holder(partition))

@@ -36,7 +36,7 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -103,7 +103,7 @@ class LoraStrategy(Strategy, driver.Engine):
 
     name = "flower"
     progress_bar = False  # per-round lines go to Flower's log
-    features = frozenset({"start", "client_state", "client_ranks"})
+    features = frozenset({"start", "client_state", "client_ranks", "stream"})
 
     def __init__(self, config: RunConfig, *, min_clients: int = 1, round_timeout: float = 3600.0,
                  node_timeout: float = 60.0, limits: Limits | None = None, eval_data: str = "",
@@ -186,7 +186,8 @@ class LoraStrategy(Strategy, driver.Engine):
                             node_deadline=time.monotonic() + self.node_timeout,
                             server_version=self.backbone_log.version,
                             reply_cap=lambda p: reply_cap(self.global_lora, trained, self.ranks[p]))
-        self._round = {"sampled": sampled, "exchange": exchange, "lr": float(config["lr"])}
+        self._round = {"sampled": sampled, "exchange": exchange, "lr": float(config["lr"]), "accepted": [],
+                       "rejected": {}, "capped": {}}
         return [message(node) for p in sampled if (node := self.nodes.holder(p)) is not None]
 
     def aggregate_train(self, server_round: int,
@@ -260,44 +261,70 @@ class LoraStrategy(Strategy, driver.Engine):
             "digest-B": wire.factor_digest(self.global_lora, "B"),
         })
 
-    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> driver.ClientRound:
-        """Configure, exchange (hellos, resends, nodes coming and going) and collect the accepted updates."""
+    def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float,
+                    fold: Callable[[ClientUpdate], None] | None = None) -> driver.ClientRound:
+        """Configure, exchange (hellos, resends, nodes coming and going) and collect the accepted updates. With
+        ``fold`` (a round that streams, ``driver.streams``), each reply is parsed, checked and folded into the
+        aggregate as soon as it is pulled, and dropped: only its client, example count and loss are kept."""
         self.state = state
         self.configure_train(t, wire.lora_to_record(state.lora), self.train_settings(t, trainable, lr), self.grid)
         exchange = self._round["exchange"]
+        if fold is not None:
+            self._round["fold"] = fold
+            exchange.on_reply = lambda partition, reply: self._take(t, partition, reply, trainable)
         log(INFO, "round %d: training %s", t, ", ".join(client_id(p) for p in exchange.partitions))
         return self.collect(t, exchange.run())
 
-    def collect(self, server_round: int, replies: dict[int, Message]) -> driver.ClientRound:
-        """The usable updates of the round (``{partition: final reply}`` in), sorted by client; failures and
-        rejections are logged and recorded."""
-        version = self.backbone_log.version
+    def _take(self, server_round: int, partition: int, reply: Message, trainable: dict[str, bool]) -> None:
+        """One reply as it arrives (a round that streams): accepted and folded, or rejected."""
+        taken = self._accept(server_round, partition, reply, trainable)
+        if taken is not None:
+            self._round["accepted"].append((partition, *taken))
+
+    def _accept(self, server_round: int, partition: int, reply: Message,
+                trainable: dict[str, bool]) -> tuple[ClientUpdate, float] | None:
+        """One final reply as an accepted update and its loss (folded into the round's aggregate when it
+        streams), or None: rejected, with the reason logged and recorded."""
+        cid = client_id(partition)
+        try:  # any fault in one reply rejects that reply, never the round
+            update, loss, digest = self._parse(server_round, partition, reply, trainable)
+            declared = self.nodes.declared.get(reply.metadata.src_node_id)
+            if declared is not None and update.num_examples > declared:
+                self._round["capped"][cid] = [update.num_examples, declared]
+                log(WARNING, "round %d: %s claims %d examples, its hello said %d: counted as %d", server_round,
+                    cid, update.num_examples, declared, declared)
+                update.num_examples = declared
+            update.keep = self.kept(update, server_round, trainable)  # the server's copy of what the client keeps
+            fold = self._round.get("fold")
+            if fold is not None:
+                fold(update)
+                update = driver.folded(update)
+        except Exception as error:
+            self._round["rejected"][cid] = shown(str(error) or type(error).__name__, REASON_CHARS)
+            log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, self._round["rejected"][cid])
+            return None
+        node = self.nodes.holder(partition)
+        if node is not None:
+            node.version, node.needs_own = self.backbone_log.version, False
+        self.replays.add(cid, digest, server_round)
+        return update, loss
+
+    def collect(self, server_round: int, replies: dict[int, Message | None]) -> driver.ClientRound:
+        """The usable updates of the round (``{partition: final reply}`` in; None for a reply already taken as it
+        arrived), sorted by client; failures and rejections are logged and recorded."""
         trainable = self.method.trainable(server_round)
         exchange: Exchange = self._round["exchange"]
         failed = {client_id(p): reason for p, reason in sorted(exchange.failed.items())}
-        rejected = {client_id(p): reason for p, reason in sorted(exchange.rejected.items())}
-        capped: dict[str, list[int]] = {}
-        accepted: list[tuple[int, ClientUpdate, float]] = []
+        accepted: list[tuple[int, ClientUpdate, float]] = list(self._round["accepted"])
         for partition, reply in sorted(replies.items()):
-            cid = client_id(partition)
-            try:  # any fault in one reply rejects that reply, never the round
-                update, loss, digest = self._parse(server_round, partition, reply, trainable)
-            except Exception as error:
-                rejected[cid] = shown(str(error) or type(error).__name__, REASON_CHARS)
-                log(WARNING, "round %d: rejected the update of %s: %s", server_round, cid, rejected[cid])
-                continue
-            declared = self.nodes.declared.get(reply.metadata.src_node_id)
-            if declared is not None and update.num_examples > declared:
-                capped[cid] = [update.num_examples, declared]
-                log(WARNING, "round %d: %s claims %d examples, its hello said %d: counted as %d", server_round, cid,
-                    update.num_examples, declared, declared)
-                update.num_examples = declared
-            node = self.nodes.holder(partition)
-            if node is not None:
-                node.version, node.needs_own = version, False
-            update.keep = self.kept(update, server_round, trainable)  # the server's copy of what the client keeps
-            self.replays.add(cid, digest, server_round)
-            accepted.append((partition, update, loss))
+            if reply is not None:
+                taken = self._accept(server_round, partition, reply, trainable)
+                if taken is not None:
+                    accepted.append((partition, *taken))
+        accepted.sort(key=lambda item: item[0])
+        rejected = dict(sorted({**{client_id(p): reason for p, reason in exchange.rejected.items()},
+                                **self._round["rejected"]}.items()))
+        capped = self._round["capped"]
         self.nodes.end_round(exchange.sent_to, [p for p, _, _ in accepted])
         if len(accepted) < self.min_clients:
             raise RoundFailed(f"round {server_round}: {len(accepted)} usable update(s), fewer than min-clients="

@@ -22,6 +22,7 @@ from ..types import Tensor
 from .cost import exact_route
 from .product import EXACT_KINDS, ProductSVD, stack
 from .sketch import StreamSketch
+from .spectrum import lowrank_norm
 
 
 def _nbytes(tensors) -> int:
@@ -128,6 +129,17 @@ class ProductSum:
             L, R = stack(self._lefts, self._rights, [w * scale for w in self._weights])
             return ProductSVD(L, R, exact_route(*self.shape, L.shape[1]) if kind == "auto" else kind)
         return ProductSVD.of_dense(self._dense * scale, (abs(scale) * self._size, 1.0))
+
+
+    def norm(self, scale: float | None = None) -> float:
+        """``‖scale · Σ w_i L_i R_i‖_F`` (``scale = 1 / Σ w_i`` by default), exactly: from the factors' QRs while
+        they are held (``lowrank_norm``, no cancellation), else from the dense sum."""
+        if not self.count:
+            raise ValueError("nothing was folded into the sum")
+        scale = 1.0 / self.weight if scale is None else float(scale)
+        if self._dense is None:
+            return abs(scale) * lowrank_norm(*stack(self._lefts, self._rights, self._weights))
+        return abs(scale) * float(torch.linalg.matrix_norm(self._dense))
 
 
 class ProductSketch:

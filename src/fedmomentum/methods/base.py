@@ -37,7 +37,7 @@ import torch
 
 from ..keys import check as check_declared
 from ..keys import declared
-from ..linalg import ProductSVD, Terms, decompose
+from ..linalg import EXACT_KINDS, ProductSketch, ProductSVD, Terms, decompose
 from ..types import Aggregate, ClientUpdate, LayerStats, LoraPair, LowRank, RoundStats, StateDict, Tensor, UpdateError
 from .option_specs import AggregationDtype, MethodOptions
 from .server_opt import DEFAULT_BETAS, DEFAULT_LR, SERVER_OPTS, ServerOpt
@@ -120,11 +120,7 @@ class Method:
         Input that cannot be aggregated (see ``validate``), and a result that overflows the aggregation dtype, raise
         ``UpdateError`` naming the problem; nothing non-finite is ever returned.
         """
-        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling) \
-                or scaling <= 0:
-            raise UpdateError(f"{self.name}: scaling must be a finite number > 0, got {scaling!r}")
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
-            raise UpdateError(f"{self.name}: the round t must be an integer ≥ 1, got {t!r}")
+        self.check_round(scaling, t)
         state = state or {}
         self.validate(global_lora, updates, scaling)
         layer_states = _by_layer(state, global_lora, self.dtype)
@@ -139,24 +135,67 @@ class Method:
         decomposed = self._svds({name: terms_ for name, terms_ in terms.items() if terms_ is not None})
         lora, backbone, per_layer, new_state = {}, {}, {}, {}
         for name, pair in pairs.items():
-            try:
-                if terms[name] is not None and name not in decomposed:
-                    raise torch.linalg.LinAlgError(name)
-                own, moments = _split_state(layer_states.get(name, {}))
-                result = self.aggregate_layer(name, pair, clients[name], weights, scaling, t, decomposed.get(name),
-                                              own)
-                if self.server_opt is not None:
-                    result = self._server_step(pair, result, scaling, t, moments)
-            except torch.linalg.LinAlgError:
-                result = None
-            self._check_result(name, result)
-            lora[name] = result.lora
-            if result.backbone is not None and result.backbone.rank > 0:
-                backbone[name] = result.backbone
-            per_layer[name] = {**(result.stats or {}), **(decomposed.stats(name) if terms[name] is not None else {})}
-            for slot, tensor in (result.state or {}).items():
-                new_state.setdefault(slot, {})[name] = tensor
-        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, updates, t), new_state)
+            svd = decomposed.get(name) if terms[name] is not None else None
+            failed = terms[name] is not None and svd is None
+            result = self.layer_result(name, pair, clients[name], weights, scaling, t, svd, layer_states.get(name, {}),
+                                       failed=failed)
+            self.collect_layer(name, result, {**(result.stats or {}), **(decomposed.stats(name) if terms[name]
+                                                                            is not None else {})},
+                               lora, backbone, per_layer, new_state)
+        uplink = {(u.client_id or str(i)): self.uplink_bytes(u, t) for i, u in enumerate(updates)}
+        return Aggregate(lora, backbone, self.round_stats(per_layer, lora, backbone, uplink, t), new_state)
+
+    def open_round(self, global_lora: dict[str, LoraPair], *, scaling: float, t: int = 1,
+                   state: StateDict | None = None, stream: bool = True):
+        """A round whose updates arrive one at a time: ``fold(update)`` each (checked as it arrives, as
+        ``validate`` would), then ``finish()`` for the ``Aggregate`` that ``aggregate`` gives on the same updates.
+
+        With ``stream`` and a method that says what to keep (``stream_sums``), each update is folded into running
+        sums and dropped (``stream.StreamedRound``: memory flat in the number of clients; the result equals
+        ``aggregate``'s to round-off for the exact routes, within its recorded ``svd_error`` for the sketch);
+        otherwise the updates are collected and aggregated at the end (``stream.CollectedRound``, the same
+        result as ``aggregate``, exactly)."""
+        from .stream import CollectedRound, StreamedRound  # the round classes build on this module
+
+        if stream and self.stream_sums(t) is not None:
+            return StreamedRound(self, global_lora, scaling=scaling, t=t, state=state)
+        return CollectedRound(self, global_lora, scaling=scaling, t=t, state=state)
+
+    def check_round(self, scaling: float, t: int) -> None:
+        """``UpdateError`` unless ``scaling`` is a finite number > 0 and ``t`` an integer ≥ 1."""
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling) \
+                or scaling <= 0:
+            raise UpdateError(f"{self.name}: scaling must be a finite number > 0, got {scaling!r}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+            raise UpdateError(f"{self.name}: the round t must be an integer ≥ 1, got {t!r}")
+
+    def layer_result(self, name: str, pair: LoraPair, clients: list[LoraPair], weights: list[float], scaling: float,
+                     t: int, svd: ProductSVD | None, layer_state: dict[str, Tensor], *,
+                     failed: bool = False) -> LayerResult:
+        """One layer's checked result: ``aggregate_layer``, then the server optimizer's step; an SVD that failed
+        (``failed``, or while the layer was aggregated) or a result that is not finite is an ``UpdateError``."""
+        try:
+            if failed:
+                raise torch.linalg.LinAlgError(name)
+            own, moments = _split_state(layer_state)
+            result = self.aggregate_layer(name, pair, clients, weights, scaling, t, svd, own)
+            if self.server_opt is not None:
+                result = self._server_step(pair, result, scaling, t, moments)
+        except torch.linalg.LinAlgError:
+            result = None
+        self._check_result(name, result)
+        return result
+
+    @staticmethod
+    def collect_layer(name: str, result: LayerResult, stats: dict, lora: dict, backbone: dict, per_layer: dict,
+                      new_state: dict) -> None:
+        """Put one layer's result into the round's adapter, backbone deltas, stats and state."""
+        lora[name] = result.lora
+        if result.backbone is not None and result.backbone.rank > 0:
+            backbone[name] = result.backbone
+        per_layer[name] = stats
+        for slot, tensor in (result.state or {}).items():
+            new_state.setdefault(slot, {})[name] = tensor
 
     def _server_step(self, global_pair: LoraPair, result: LayerResult, scaling: float, t: int,
                      moments: dict[str, Tensor]) -> LayerResult:
@@ -329,6 +368,12 @@ class Method:
         """Raise ``UpdateError`` naming the client and layer for anything that cannot be aggregated."""
         if not updates:
             raise UpdateError(f"{self.name}: no client updates to aggregate")
+        self.validate_adapter(global_lora)
+        for index, update in enumerate(updates):
+            self.validate_update(global_lora, update, index, scaling)
+
+    def validate_adapter(self, global_lora: dict[str, LoraPair]) -> None:
+        """Raise ``UpdateError`` unless the global adapter is LoRA factors (2-D tensors of matching rank)."""
         if not global_lora:
             raise UpdateError(f"{self.name}: the global adapter has no layers")
         for name, g in global_lora.items():
@@ -339,51 +384,79 @@ class Method:
                                   "are not the factors of one LoRA layer")
         factors = [(f"global adapter, layer {name!r}", factor, getattr(g, factor))
                    for name, g in global_lora.items() for factor in ("A", "B")]
-        for index, update in enumerate(updates):
-            who = f"client {update.client_id or index!r}"
-            n = update.num_examples
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-                raise UpdateError(f"{who}: num_examples must be a positive integer, got {n!r}")
-            s_k = update.scaling
-            if s_k is not None:
-                if isinstance(s_k, bool) or not isinstance(s_k, numbers.Real) or not math.isfinite(s_k) or s_k <= 0:
-                    raise UpdateError(f"{who}: scaling must be a positive finite number, got {s_k!r}")
-                if scaling is not None and s_k != scaling and not self.mixed_ranks:
-                    raise UpdateError(f"{who}: LoRA scaling {s_k} differs from the global {scaling}, and "
-                                      f"{self.name} needs one rank and scaling on every client")
-            missing = sorted(set(global_lora) - set(update.factors))
-            extra = sorted(set(update.factors) - set(global_lora))
-            if missing or extra:
-                raise UpdateError(f"{who}: layers do not match the global adapter "
-                                  f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
-                                  f"extra {extra[:3]}{'…' if len(extra) > 3 else ''})")
-            for name, g in global_lora.items():
-                pair = update.factors[name]
-                A, B = pair.A, pair.B
-                where = f"{who}, layer {name!r}"
-                if A.ndim != 2 or B.ndim != 2:
-                    raise UpdateError(f"{where}: A and B must be matrices, got A {tuple(A.shape)}, B {tuple(B.shape)}")
-                if A.shape[1] != g.A.shape[1] or B.shape[0] != g.B.shape[0] or A.shape[0] != B.shape[1]:
-                    raise UpdateError(f"{where}: shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the "
-                                      f"global A {tuple(g.A.shape)}, B {tuple(g.B.shape)}")
-                if A.shape[0] != g.rank and not self.mixed_ranks:
-                    raise UpdateError(f"{where}: rank {A.shape[0]} differs from the global rank {g.rank}, "
-                                      f"and {self.name} needs equal ranks (use flora, fedex-lora, flexlora "
-                                      f"or fedmomentum for mixed ranks)")
-                factors += [(where, "A", A), (where, "B", B)]
-        if not _all_finite([X for _, _, X in factors]):  # one pass and one device sync; then find the culprit
-            where, factor = next((where, factor) for where, factor, X in factors if not _all_finite([X]))
-            raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
+        _check_finite(factors)
 
-    def round_stats(self, per_layer, lora, backbone, updates, t) -> RoundStats:
-        """Totals over layers, plus what each client sends and receives (float32 factors; backbone deltas at
-        ``backbone_wire_bytes`` a value)."""
-        trained, sent = self.trainable(t), self.shared(t)
-        uplink = {
-            (u.client_id or str(i)): WIRE_BYTES * sum(
-                p.A.numel() * trained["A"] + p.B.numel() * trained["B"] for p in u.factors.values())
-            for i, u in enumerate(updates)
-        }
+    def validate_update(self, global_lora: dict[str, LoraPair], update: ClientUpdate, index: int = 0,
+                        scaling: float | None = None) -> None:
+        """Raise ``UpdateError`` naming the client (its id, else ``index``) and layer for anything in ``update``
+        that cannot be aggregated against the (checked) global adapter."""
+        who = f"client {update.client_id or index!r}"
+        n = update.num_examples
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+            raise UpdateError(f"{who}: num_examples must be a positive integer, got {n!r}")
+        s_k = update.scaling
+        if s_k is not None:
+            if isinstance(s_k, bool) or not isinstance(s_k, numbers.Real) or not math.isfinite(s_k) or s_k <= 0:
+                raise UpdateError(f"{who}: scaling must be a positive finite number, got {s_k!r}")
+            if scaling is not None and s_k != scaling and not self.mixed_ranks:
+                raise UpdateError(f"{who}: LoRA scaling {s_k} differs from the global {scaling}, and "
+                                  f"{self.name} needs one rank and scaling on every client")
+        missing = sorted(set(global_lora) - set(update.factors))
+        extra = sorted(set(update.factors) - set(global_lora))
+        if missing or extra:
+            raise UpdateError(f"{who}: layers do not match the global adapter "
+                              f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+                              f"extra {extra[:3]}{'…' if len(extra) > 3 else ''})")
+        factors = []
+        for name, g in global_lora.items():
+            pair = update.factors[name]
+            A, B = pair.A, pair.B
+            where = f"{who}, layer {name!r}"
+            if A.ndim != 2 or B.ndim != 2:
+                raise UpdateError(f"{where}: A and B must be matrices, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+            if A.shape[1] != g.A.shape[1] or B.shape[0] != g.B.shape[0] or A.shape[0] != B.shape[1]:
+                raise UpdateError(f"{where}: shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the "
+                                  f"global A {tuple(g.A.shape)}, B {tuple(g.B.shape)}")
+            if A.shape[0] != g.rank and not self.mixed_ranks:
+                raise UpdateError(f"{where}: rank {A.shape[0]} differs from the global rank {g.rank}, "
+                                  f"and {self.name} needs equal ranks (use flora, fedex-lora, flexlora "
+                                  f"or fedmomentum for mixed ranks)")
+            factors += [(where, "A", A), (where, "B", B)]
+        _check_finite(factors)
+
+    def uplink_bytes(self, update: ClientUpdate, t: int) -> int:
+        """What the client sent in round ``t``: its trained factors, float32."""
+        trained = self.trainable(t)
+        return WIRE_BYTES * sum(p.A.numel() * trained["A"] + p.B.numel() * trained["B"]
+                                for p in update.factors.values())
+
+    # --- streaming (``stream.py``) ------------------------------------------------------------------
+
+    def stream_sums(self, t: int) -> frozenset[str] | None:
+        """What a streamed round of ``t`` keeps of each layer instead of the updates: ``"A"``/``"B"`` (running
+        sums of the factors, padded to the global rank), ``"product"`` (``Σ w_i B_i A_i``, for the SVD:
+        ``streamed_svd``) or ``"noise"`` (the same sum, for ``streamed_stats`` only). ``None``: the method needs
+        every update at once, and its rounds are collected, then aggregated (the default)."""
+        return None
+
+    def product_scale(self, scaling: float) -> float:
+        """The factor on ``Σ p_i B_i A_i`` in the terms ``svd_terms`` gives (1, or ``s`` for a method that
+        decomposes ``s Σ p_i B_i A_i``)."""
+        return 1.0
+
+    def streamed_svd(self, name: str, mean: LoraPair, product, weight: float, scaling: float) -> ProductSVD:
+        """The SVD ``aggregate_layer`` gets in a streamed round: of ``svd_terms``' sum, from the running
+        ``product`` (``Σ w_i B_i A_i`` with ``Σ w_i = weight``) and the averaged factors ``mean``."""
+        return _finish(product, self.product_scale(scaling) / weight, self.svd)
+
+    def streamed_stats(self, name: str, mean: LoraPair, noise, weight: float, scaling: float) -> dict:
+        """Stats a streamed round computes from the sums (what ``aggregate_layer`` computes from the clients)."""
+        return {}
+
+    def round_stats(self, per_layer, lora, backbone, uplink: dict[str, int], t) -> RoundStats:
+        """Totals over layers, plus what each client sends (``uplink``: client → bytes, ``uplink_bytes``) and
+        receives (float32 factors; backbone deltas at ``backbone_wire_bytes`` a value)."""
+        sent = self.shared(t)
         downlink = (
             WIRE_BYTES * sum(p.A.numel() * sent["A"] + p.B.numel() * sent["B"] for p in lora.values())
             + self.backbone_wire_bytes * sum(d.left.numel() + d.right.numel() for d in backbone.values())
@@ -394,7 +467,7 @@ class Method:
         return RoundStats(**{
             "method": self.name,
             "round": t,
-            "clients": len(updates),
+            "clients": len(uplink),
             "rank_kept": max(p.rank for p in lora.values()),
             "residual_rank": sum(d.rank for d in backbone.values()),
             "energy_dropped": dropped / energy if energy > 0 else 0.0,
@@ -440,6 +513,21 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     copy, gathered for one device sync."""
     extremes = [torch.stack(torch.aminmax(X)) for X in tensors if X.numel()]
     return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+
+
+def _check_finite(factors: list[tuple[str, str, Tensor]]) -> None:
+    """``UpdateError`` naming the first of ``(where, factor, tensor)`` that holds NaN or Inf (one pass and one
+    device sync for all; then the culprit is found)."""
+    if not _all_finite([X for _, _, X in factors]):
+        where, factor = next((where, factor) for where, factor, X in factors if not _all_finite([X]))
+        raise UpdateError(f"{where}: factor {factor} has NaN or Inf values")
+
+
+def _finish(product, scale: float, kind: str) -> ProductSVD:
+    """A streamed sum's SVD at ``scale``: the sketch's, or the exact one by ``kind`` (``auto`` by cost)."""
+    if isinstance(product, ProductSketch):
+        return product.finish(scale)
+    return product.finish(scale, kind if kind in EXACT_KINDS else "auto")
 
 
 def _rescaled(pair: LoraPair, ratio: float) -> LoraPair:

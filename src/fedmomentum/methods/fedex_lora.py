@@ -10,7 +10,7 @@ import torch
 
 from ..linalg import Terms, compress
 from ..types import LoraPair, LowRank, UpdateError
-from .base import LayerResult, Method
+from .base import LayerResult, Method, _finish
 from .option_specs import FedExLoRAOptions
 from .shared import mean
 
@@ -34,14 +34,13 @@ class FedExLoRA(Method):
                              f"must not exceed it (got {max(client_ranks)}; raise lora_r, or use flora, flexlora "
                              "or fedmomentum)")
 
-    def validate(self, global_lora, updates, scaling=None):
-        super().validate(global_lora, updates, scaling)
-        for index, update in enumerate(updates):
-            for name, pair in update.factors.items():
-                if pair.rank > global_lora[name].rank:
-                    raise UpdateError(f"client {update.client_id or index!r}, layer {name!r}: rank {pair.rank} "
-                                      f"exceeds the global rank {global_lora[name].rank}, which {self.name} "
-                                      f"cannot average into (use flora, flexlora or fedmomentum)")
+    def validate_update(self, global_lora, update, index=0, scaling=None):
+        super().validate_update(global_lora, update, index, scaling)
+        for name, pair in update.factors.items():
+            if pair.rank > global_lora[name].rank:
+                raise UpdateError(f"client {update.client_id or index!r}, layer {name!r}: rank {pair.rank} "
+                                  f"exceeds the global rank {global_lora[name].rank}, which {self.name} "
+                                  f"cannot average into (use flora, flexlora or fedmomentum)")
 
     def _average(self, global_pair, clients, weights) -> LoraPair:
         padded = [_pad(c, global_pair.rank) for c in clients]
@@ -52,6 +51,14 @@ class FedExLoRA(Method):
         new = self._average(global_pair, clients, weights)
         return Terms([c.B for c in clients] + [new.B], [c.A for c in clients] + [new.A],
                      [scaling * w for w in weights] + [-scaling])
+
+    def stream_sums(self, t):
+        return frozenset({"A", "B", "product"})
+
+    def streamed_svd(self, name, mean, product, weight, scaling):
+        """``s Σ p_i B_i A_i − s B'A'``: the running sum with ``−B'A'`` folded in at the total weight."""
+        product.fold(mean.B, mean.A, -weight)
+        return _finish(product, scaling / weight, self.svd)
 
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = self._average(global_pair, clients, weights)

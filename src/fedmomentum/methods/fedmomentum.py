@@ -58,6 +58,9 @@ class FedMomentum(Method):
         return (self.merge_residual and self.residual_energy >= 1.0 and self.merge_every == 1
                 and self.residual_dtype == torch.float32)
 
+    def stream_sums(self, t):
+        return None if self.svd == "randomized" else frozenset({"product"})
+
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # M = Σ p_i B_i A_i
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..types import LoraPair
 from .base import LayerResult, Method
 from .option_specs import FedSALoRAOptions
-from .shared import fedit_noise, mean
+from .shared import fedit_noise, mean, streamed_noise
 
 
 class FedSALoRA(Method):
@@ -23,6 +23,12 @@ class FedSALoRA(Method):
     Options = FedSALoRAOptions
     exact = False
     local = ("B",)
+
+    def stream_sums(self, t):
+        return frozenset({"A", "B", "noise"})
+
+    def streamed_stats(self, name, mean, noise, weight, scaling):
+        return {"noise_norm": streamed_noise(mean, noise, weight, scaling)}
 
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = LoraPair(mean([c.A for c in clients], weights), mean([c.B for c in clients], weights))

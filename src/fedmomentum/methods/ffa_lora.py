@@ -18,6 +18,9 @@ class FFALoRA(Method):
     def trainable(self, t):
         return {"A": False, "B": True}
 
+    def stream_sums(self, t):
+        return frozenset({"B"})
+
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))
         return LayerResult(new, None, {"rank": new.rank})

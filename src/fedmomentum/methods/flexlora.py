@@ -54,6 +54,9 @@ class FlexLoRA(Method):
         return super().client_start(global_lora, own=own, rank=rank, scaling=scaling, global_scaling=global_scaling,
                                     t=t)
 
+    def stream_sums(self, t):
+        return None if self.svd == "randomized" else frozenset({"product"})
+
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], weights)  # Σ p_i B_i A_i
 

@@ -17,6 +17,12 @@ class FLoRA(Method):
     mixed_ranks = True
     update_space = "product"  # a server optimizer acts on W + s B A (the adapter restarts every round)
 
+    def stream_sums(self, t):
+        return None if self.svd == "randomized" else frozenset({"product"})
+
+    def product_scale(self, scaling):
+        return scaling
+
     def svd_terms(self, name, global_pair, clients, weights, scaling, t):
         return Terms([c.B for c in clients], [c.A for c in clients], [scaling * w for w in weights])
 

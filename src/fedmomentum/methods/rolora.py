@@ -20,6 +20,9 @@ class RoLoRA(Method):
         train_B = t % 2 == 1 or t == 0
         return {"A": not train_B, "B": train_B}
 
+    def stream_sums(self, t):
+        return frozenset({"B"} if self.trainable(t)["B"] else {"A"})
+
     def aggregate_layer(self, name, global_pair, clients, weights, scaling, t, svd, state):
         if self.trainable(t)["B"]:
             new = LoraPair(global_pair.A.clone(), mean([c.B for c in clients], weights))

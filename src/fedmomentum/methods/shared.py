@@ -42,6 +42,13 @@ def fedit_noise(clients: list[LoraPair], weights: list[float], new: LoraPair, sc
     return lowrank_norm(torch.cat([exact.left, -scaling * new.B], 1), torch.cat([exact.right, new.A], 0))
 
 
+def streamed_noise(new: LoraPair, noise, weight: float, scaling: float) -> float:
+    """``fedit_noise`` from a streamed round: ``noise`` holds ``Σ w_i B_i A_i`` (``linalg.ProductSum``, total weight
+    ``weight``); ``−B'A'`` is folded in at that weight and the sum's norm taken at ``s / weight``."""
+    noise.fold(new.B, new.A, -weight)
+    return noise.norm(scaling / weight)
+
+
 def adapter_from_svd(US: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str, fresh_A) -> LoraPair:
     """Rank-``rank`` factors with ``B A = U S Vh`` for the given components (``US = U S``, all ``S > 0``).
 
