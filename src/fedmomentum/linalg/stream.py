@@ -36,6 +36,13 @@ def _check_weight(weight: float) -> float:
     return weight
 
 
+def _check_term(shape: tuple[int, int], left: Tensor, right: Tensor) -> None:
+    d, k = shape
+    if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d or right.shape[1] != k \
+            or left.shape[1] != right.shape[0]:
+        raise ValueError(f"factors {tuple(left.shape)} @ {tuple(right.shape)} do not make a {d}×{k} term")
+
+
 class FactorSum:
     """``Σ w_i X_i`` of equally shaped tensors, one at a time."""
 
@@ -98,17 +105,14 @@ class ProductSum:
     def fold(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
         """Add ``weight · left @ right`` (copies what it keeps: the caller may reuse its tensors)."""
         weight = _check_weight(weight)
-        d, k = self.shape
-        if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d or right.shape[1] != k \
-                or left.shape[1] != right.shape[0]:
-            raise ValueError(f"factors {tuple(left.shape)} @ {tuple(right.shape)} do not make a {d}×{k} term")
+        _check_term(self.shape, left, right)
         left, right = left.to(self.dtype), right.to(self.dtype)
         self._size += abs(weight) * float(torch.linalg.vector_norm(left)) * float(torch.linalg.vector_norm(right))
         if self._dense is None:
             self._lefts.append(left.clone())
             self._rights.append(right.clone())
             self._weights.append(weight)
-            if self.rank * (d + k) > d * k:  # the factors now take more room than the matrix
+            if self.rank * sum(self.shape) > self.shape[0] * self.shape[1]:  # the factors outgrow the matrix
                 self._dense = torch.matmul(*stack(self._lefts, self._rights, self._weights))
                 self._lefts, self._rights, self._weights = [], [], []
         else:
@@ -161,10 +165,7 @@ class ProductSketch:
     def fold(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
         """Add ``weight · left @ right``."""
         weight = _check_weight(weight)
-        d, k = self.shape
-        if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d or right.shape[1] != k \
-                or left.shape[1] != right.shape[0]:
-            raise ValueError(f"factors {tuple(left.shape)} @ {tuple(right.shape)} do not make a {d}×{k} term")
+        _check_term(self.shape, left, right)
         self.sketch.fold(left.to(self.dtype), right.to(self.dtype), weight)
         self.weight += weight
         self.count += 1
