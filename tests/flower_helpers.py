@@ -149,7 +149,7 @@ TRAIN_FAULTS = {  # fault → what the rejection says
     "other-partition": "partition-id must be between",
     "stale-version": "backbone-version must be between",
     "not-numpy": "serialised as 'raw'",
-    "empty-array": "0 bytes of data",
+    "empty-array": "0 bytes, a ",
     "header-37gib": "npy header says shape (100000, 100000)",
     "declared-37gib": "shape (100000, 100000), expected",
     "float64": "dtype 'float64'",

@@ -53,9 +53,9 @@ def _bad_arrays() -> dict[str, tuple[Array, str]]:
     return {
         "tag": (Array(dtype="int16", shape=(4, 3), stype=wire.NUMPY, data=body), "dtype tag 'int16'"),
         "short": (Array(dtype="bfloat16", shape=(4, 3), stype=wire.NUMPY, data=body[:-2]),
-                  "22 bytes of values, a .4, 3. bfloat16 matrix takes 24"),
+                  "22 bytes of values, a .4, 3. bfloat16 array takes 24"),
         "declared-20gb": (Array(dtype="bfloat16", shape=(100_000, 100_000), stype=wire.NUMPY, data=body),
-                          "152 bytes, a .100000, 100000. bfloat16 matrix takes 20000000000 plus an npy header"),
+                          "152 bytes, a .100000, 100000. bfloat16 array takes 20000000000 plus an npy header"),
         "declared-shape": (Array(dtype="bfloat16", shape=(4, 4), stype=wire.NUMPY, data=body), "header says"),
         "header-dtype": (Array(dtype="bfloat16", shape=(4, 3), stype=wire.NUMPY,
                                data=_npy(np.ones((4, 3), np.float16))), "header says"),

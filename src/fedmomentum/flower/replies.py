@@ -23,20 +23,18 @@ and records only through ``shown``: control characters escaped, cut to ``SHOWN_C
 
 from __future__ import annotations
 
-import io
 import math
 import unicodedata
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from ..types import ClientUpdate, LoraPair, UpdateError
+from .npy import MAX_HEADER, read_npy
 
 NUMPY = "numpy.ndarray"  # Flower's stype for np.save-encoded arrays
 DTYPE = "float32"
-MAX_HEADER = 4096  # bytes an npy header may take (np.save writes 128 for a 2-D float32 array)
 SHOWN_CHARS = 300  # node-supplied text quoted in a log line or a record
 REASON_CHARS = 1000  # a whole reason recorded (our words around at most a few quoted values)
 HELLO_CAP = 64 * 1024  # bytes of a hello or resync reply (Flower's objects included; a real one takes under 2 KiB)
@@ -139,25 +137,7 @@ def decode(array: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
         raise ReplyError(f"{what}: dtype {array.dtype!r}, the protocol sends {DTYPE}")
     if tuple(array.shape) != shape:
         raise ReplyError(f"{what}: shape {tuple(array.shape)}, expected {shape}")
-    body = 4 * math.prod(shape)
-    data = array.data
-    if not isinstance(data, bytes | bytearray | memoryview) or not body < len(data) <= body + MAX_HEADER:
-        raise ReplyError(f"{what}: {len(data) if hasattr(data, '__len__') else '?'} bytes of data, a {shape} "
-                         f"float32 array takes {body} plus an npy header")
-    stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-        declared, fortran, dtype = reader(stream, max_header_size=MAX_HEADER)
-    except (KeyError, ValueError, SyntaxError, TypeError) as error:
-        raise ReplyError(f"{what}: not an npy-encoded array ({error or 'unsupported npy version'})") from None
-    if tuple(declared) != shape or dtype != np.dtype("<f4") or fortran:
-        raise ReplyError(f"{what}: its npy header says shape {tuple(declared)}, dtype {dtype}"
-                         f"{', Fortran order' if fortran else ''}; expected {shape} little-endian float32")
-    offset = stream.tell()
-    if len(data) - offset != body:
-        raise ReplyError(f"{what}: {len(data) - offset} bytes of values, a {shape} float32 array takes {body}")
-    values = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=offset).reshape(shape)
+    values = read_npy(array.data, shape, "<f4", what, ReplyError)
     return torch.from_numpy(values.copy())
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 
 import numpy as np
 import torch
@@ -33,10 +32,10 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from ..checkpoint import SLOT
 from ..config import MAY_CHANGE_ON_RESUME, RunConfig
 from ..types import LoraPair, LowRank
+from .npy import read_npy
 
 NUMPY = "numpy.ndarray"  # Flower's stype for np.save-encoded arrays
 DELTA_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # a delta's wire dtype tag → its npy dtype
-MAX_HEADER = 4096  # bytes an npy header may take (np.save writes 128 for a matrix)
 
 
 def _array(tensor: torch.Tensor) -> Array:
@@ -158,26 +157,7 @@ def decode_delta(array: object, what: str) -> torch.Tensor:
     shape = tuple(array.shape)
     if len(shape) != 2 or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise ValueError(f"{what}: shape {shape[:4]}, a delta's factor is a matrix")
-    descr = DELTA_DTYPES[array.dtype]
-    body = np.dtype(descr).itemsize * math.prod(shape)
-    data = array.data
-    if not isinstance(data, bytes | bytearray | memoryview) or not body < len(data) <= body + MAX_HEADER:
-        raise ValueError(f"{what}: {len(data) if hasattr(data, '__len__') else '?'} bytes, a {shape} {array.dtype} "
-                         f"matrix takes {body} plus an npy header")
-    stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-        declared, fortran, dtype = reader(stream, max_header_size=MAX_HEADER)
-    except (KeyError, ValueError, SyntaxError, TypeError) as error:
-        raise ValueError(f"{what}: not an npy-encoded array ({error or 'unsupported npy version'})") from None
-    if tuple(declared) != shape or dtype != np.dtype(descr) or fortran:
-        raise ValueError(f"{what}: its npy header says shape {tuple(declared)}, dtype {dtype}"
-                         f"{', Fortran order' if fortran else ''}; the Array says {shape} {array.dtype}")
-    if len(data) - stream.tell() != body:
-        raise ValueError(f"{what}: {len(data) - stream.tell()} bytes of values, a {shape} {array.dtype} matrix "
-                         f"takes {body}")
-    values = np.frombuffer(data, dtype=descr, count=math.prod(shape), offset=stream.tell()).reshape(shape)
+    values = read_npy(array.data, shape, DELTA_DTYPES[array.dtype], what, name=array.dtype)
     if array.dtype == "bfloat16":  # the high half of each float32
         values = (values.astype(np.uint32) << 16).view(np.float32)
     tensor = torch.from_numpy(values.astype(np.float32))  # a copy: the message's bytes stay read-only
