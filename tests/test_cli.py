@@ -138,7 +138,7 @@ def test_a_study_plan_does_not_import_torch(tmp_path):
                      '[grid]\nmethod = ["fedit", "fedmomentum"]\nseed = [0, 1]\n')
     code, stdout, stderr, loaded = _modules_after(["study", "--config", str(study), "--dry-run"], tmp_path)
     assert code == 0 and loaded == "LOADED []", stderr
-    assert "2 cells × 2 seeds = 4 runs" in stdout and "seed 1: " in stdout and "would start" in stdout
+    assert "2 cells, 4 runs into" in stdout and "seed 1: " in stdout and "would start" in stdout
     assert not (tmp_path / "runs").exists()
 
 

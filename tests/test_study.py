@@ -93,7 +93,8 @@ def test_method_options_in_the_grid(tmp_path, grid, labels, options):
     ('[base]\nout = "x"\n', "[base] out"),
     ('[base]\n[grid]\nmethods = ["fedit"]\n', "[grid] methods: unknown config key 'methods'"),
     ('[base]\n[grid]\nmethod = "fedit"\n', "[grid] method: must be a non-empty list"),
-    ('[base]\n[grid]\nseed = [0, 0]\n', "[grid] seed: must be distinct integers"),
+    ('[base]\n[grid]\nseed = [0, 0]\n', "[grid] seed: must be a list of distinct integers"),
+    ('[base]\n[[cell]]\nname = "a"\nseeds = [1, true]\n', "cell 'a': seeds: must be a list of distinct integers"),
     ('[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\nmethod_options.residual_energy = [0.9]\n',
      "cell 'fedit': unknown option(s) residual_energy for method 'fedit'"),
     ('[base]\n[grid]\nrounds = [2, 0]\n', "cell 'rounds=0': bad config: rounds must be ≥ 1"),
@@ -233,6 +234,31 @@ def test_a_study_writes_tables_and_plots_and_a_resumed_study_redoes_nothing(tmp_
     assert list(csv.DictReader((out / "study.csv").open())) == rows
 
 
+def test_cells_with_their_own_seeds_are_paired_on_the_seeds_they_share(tmp_path):
+    """``seeds = [...]`` in a ``[[cell]]``: that cell runs on those seeds only, and its paired differences are
+    taken on the seeds the baseline has too."""
+    path = write(tmp_path, '[base]\n[grid]\nseed = [0, 1]\n[[cell]]\nmethod = "fedit"\n'
+                           '[[cell]]\nmethod = "fedmomentum"\nseeds = [1, 2]\n')
+    study = study_io.load(path)
+    assert [(c.label, s) for c, s in study.runs()] == [("fedit", 0), ("fedit", 1), ("fedmomentum", 1),
+                                                        ("fedmomentum", 2)]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["study", "--config", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 cells, 4 runs" in result.output and "[4/4] fedmomentum seed 2" in result.output
+    assert sorted(p.parent.name + "/" + p.name for p in (out / "runs").glob("*/seed-*")) == [
+        "fedit/seed-0", "fedit/seed-1", "fedmomentum/seed-1", "fedmomentum/seed-2"]
+    final = {(p.parent.name, p.name): json.loads((p / "summary.json").read_text())["final_eval_loss"]
+             for p in (out / "runs").glob("*/seed-*")}
+    rows = {row["cell"]: row for row in csv.DictReader((out / "study.csv").open())}
+    assert rows["fedmomentum"]["seeds"] == "2"
+    gap = final[("fedmomentum", "seed-1")] - final[("fedit", "seed-1")]
+    assert float(rows["fedmomentum"]["delta_final_eval_loss_mean"]) == pytest.approx(gap)
+    text = (out / "study.md").read_text()
+    assert f"| fedmomentum | - | {gap:+.4f} | - |" in text and "Not finished yet" not in text
+    assert study_io.read_back(study, out) and len(study_io.read_back(study, out)) == 4
+
+
 def test_a_study_of_server_optimizers_and_client_corrections(tmp_path):
     """The study cells of issue 18: methods with ``server_opt``, FedProx and SCAFFOLD, all run and checkpointed."""
     path = write(tmp_path, '[base]\nprox_mu = 0.01\nscaffold = true\n[grid]\nmethod = ["fedit", "fedmomentum"]\n'
@@ -367,7 +393,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_a_committed_study_is_recomputed_from_its_runs_files(folder, tmp_path):
     study = study_io.load(spec_of(folder))
     results = study_io.read_back(study, folder)
-    assert len(results) == len(study.cells) * len(study.seeds)  # every run's files are there
+    assert len(results) == len(study.runs())  # every run's files are there
     study_io.write(study, results, tmp_path, draw=any(folder.glob("*.png")))
     assert (tmp_path / "study.md").read_text(encoding="utf-8") == (folder / "study.md").read_text(encoding="utf-8")
     for name in ("study.csv", "runs.csv"):  # full-precision numbers: equal up to the last digits of scipy's t and nct

@@ -373,8 +373,8 @@ def _show_grid(spec, out: Path, folder=None) -> None:
 
     doing = {"new": "would start", "done": "finished, would be read back", "partial": "would resume",
              "started": "would start over"}
-    typer.echo(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds = "
-               f"{len(spec.cells) * len(spec.seeds)} runs into {out}; baseline {spec.baseline.label!r}")
+    typer.echo(f"study {spec.name}: {len(spec.cells)} cells, {len(spec.runs())} runs into {out}; baseline "
+               f"{spec.baseline.label!r}")
     for cell in spec.cells:
         config = spec.config(cell, spec.seeds[0])
         flow = plan.make(config, with_data=False).traffic
@@ -383,7 +383,7 @@ def _show_grid(spec, out: Path, folder=None) -> None:
             f"{'' if flow.downlink_exact else '≤ '}{sum(flow.downlink) / len(flow.downlink) / 1e6:.2f} MB a round")
         typer.echo(f"  {cell.label}: {config.method} {json.dumps(config.method_options)}, {config.rounds} rounds"
                    + bytes_text)
-        for seed in spec.seeds:
+        for seed in spec.seeds_of(cell):
             where = (folder or (lambda c, s: study_io.run_folder(out, c, s)))(cell, seed)
             try:
                 status = doing[study_io.state(where, spec.config(cell, seed, where))]
@@ -431,7 +431,7 @@ def study(
                       *[f"--set {pair}" for pair in set_ or []]])
     guard.continue_with = again
     with guard():
-        log(f"study {spec.name}: {len(spec.cells)} cells × {len(spec.seeds)} seeds into {out}")
+        log(f"study {spec.name}: {len(spec.cells)} cells, {len(spec.runs())} runs into {out}")
         results = study_io.execute(spec, out, log=log, verbose=verbose)
         written = study_io.write(spec, results, out)
         typer.echo((out / "study.md").read_text(encoding="utf-8"))

@@ -4,7 +4,6 @@ one process per run at a time (a lock file), a failed run reported while the gri
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import os
 import time
@@ -115,11 +114,11 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
     where = folder or (lambda cell, seed: run_folder(out, cell, seed))
     models: dict[tuple, tuple] = {}  # (model, device) → the loaded base model, copied for every run
     results: list[RunResult] = []
-    total = len(study.cells) * len(study.seeds)
+    runs = study.runs()
     started = time.perf_counter()
-    for index, (cell, seed) in enumerate(itertools.product(study.cells, study.seeds), 1):
+    for index, (cell, seed) in enumerate(runs, 1):
         result = RunResult(cell, seed, where(cell, seed))
-        label = f"[{index}/{total}] {cell.label} seed {seed}"
+        label = f"[{index}/{len(runs)}] {cell.label} seed {seed}"
         try:
             config = study.config(cell, seed, result.folder)
             if state(result.folder, config) != "done":

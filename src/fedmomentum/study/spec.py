@@ -22,6 +22,7 @@ class Cell:
 
     label: str
     values: dict  # RunConfig keys (method options merged into ``method_options``)
+    seeds: list[int] | None = None  # its own seeds (``seeds = [...]`` in its ``[[cell]]``); None: the grid's
 
     @property
     def folder(self) -> str:
@@ -39,6 +40,18 @@ class Study:
     seeds: list[int]
     baseline: Cell
     target_loss: float | None = None
+
+    def seeds_of(self, cell: Cell) -> list[int]:
+        """The seeds ``cell`` runs on: its own, else the grid's."""
+        return self.seeds if cell.seeds is None else cell.seeds
+
+    def runs(self) -> list[tuple[Cell, int]]:
+        """Every run of the study, cell by cell."""
+        return [(cell, seed) for cell in self.cells for seed in self.seeds_of(cell)]
+
+    def all_seeds(self) -> list[int]:
+        """Every seed some cell runs on: the grid's, then the cells' own in order."""
+        return list(dict.fromkeys([*self.seeds, *sorted({s for c in self.cells for s in self.seeds_of(c)})]))
 
     def config(self, cell: Cell, seed: int, out: Path | None = None) -> RunConfig:
         """The run config of ``cell`` at ``seed`` (writing to ``out`` when given)."""
@@ -128,9 +141,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Study:
     if not isinstance(grid, dict):
         raise StudyError(f"{path}: [grid] must be a table of keys mapped to lists")
     axes = _axes(grid, lambda key: f"{path}: [grid] {key}")
-    seeds = axes.pop("seed", [base.get("seed", 0)])
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
-        raise StudyError(f"{path}: [grid] seed: must be distinct integers, got {seeds!r}")
+    seeds = _seeds(axes.pop("seed", [base.get("seed", 0)]), f"{path}: [grid] seed")
 
     cells = _cells(spec.get("cell", [{}]), axes, path)
     study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds), cells[0],
@@ -167,20 +178,22 @@ def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:
     """Every ``[[cell]]`` table crossed with the grid's axes, labelled by what tells the cells apart."""
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
         raise StudyError(f"{path}: cell must be a list of tables ([[cell]] in TOML)")
-    drafts = []  # (name, values, grid values) of every cell
+    drafts = []  # (name, values, grid values, own seeds) of every cell
     for index, table in enumerate(tables):
-        own = {k: v for k, v in table.items() if k != "name"}
+        own = {k: v for k, v in table.items() if k not in ("name", "seeds")}
+        where = f"{path}: cell {table.get('name', index + 1)!r}"
         bad = [k for k in own if k not in config_io.FIELDS or k in ("seed", "out")]
         if bad:
-            raise StudyError(f"{path}: cell {table.get('name', index + 1)!r}: key {bad[0]!r} is not a RunConfig key "
-                             "a cell may set (seed goes in [grid], out is the study's)")
+            raise StudyError(f"{where}: key {bad[0]!r} is not a RunConfig key a cell may set (seed goes in [grid], "
+                             "or seeds = [...] in the cell; out is the study's)")
+        seeds = _seeds(table["seeds"], f"{where}: seeds") if "seeds" in table else None
         for choice in itertools.product(*axes.values()):
             chosen = _cell_values(axes, choice)
-            drafts.append((table.get("name"), config_io.merge(own, chosen), chosen))
-    keys = {key for _, values, _ in drafts for key in _flat(values)}
-    varying = {key for key in keys if len({repr(_flat(v).get(key)) for _, v, _ in drafts}) > 1}
+            drafts.append((table.get("name"), config_io.merge(own, chosen), chosen, seeds))
+    keys = {key for _, values, _, _ in drafts for key in _flat(values)}
+    varying = {key for key in keys if len({repr(_flat(v).get(key)) for _, v, _, _ in drafts}) > 1}
     cells = [Cell(" ".join(filter(None, [str(name), _label(chosen, varying)])) if name is not None
-                  else _label(values, varying) or "default", values) for name, values, chosen in drafts]
+                  else _label(values, varying) or "default", values, seeds) for name, values, chosen, seeds in drafts]
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):
         twice = sorted({x for x in labels if labels.count(x) > 1})
@@ -188,6 +201,13 @@ def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:
     if len({c.folder for c in cells}) != len(cells):
         raise StudyError(f"{path}: two cells would share a run folder; give [[cell]] tables distinct names")
     return cells
+
+
+def _seeds(seeds, where: str) -> list[int]:
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise StudyError(f"{where}: must be a list of distinct integers, got {seeds!r}")
+    return seeds
 
 
 def _target(value, path: Path) -> float | None:

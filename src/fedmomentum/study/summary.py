@@ -215,19 +215,18 @@ def read_back(study: Study, out: str | Path) -> list[RunResult]:
     of other settings is an error (``runner.state``), and so is a number of the wrong type; an unfinished run is left
     out."""
     results = []
-    for cell in study.cells:
-        for seed in study.seeds:
-            folder = run_folder(Path(out), cell, seed)
-            if state(folder, study.config(cell, seed, folder)) != "done":
-                continue
-            summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-            rows = read_metrics(folder)
-            _check_numbers(folder / "summary.json", [summary], SUMMARY_NUMBERS)
-            _check_numbers(folder / "metrics.jsonl", rows, ROW_NUMBERS)
-            if any(row.get(key) is None for row in rows if row["round"] > 0 for key in ("uplink_bytes",
-                                                                                        "downlink_bytes")):
-                raise ValueError(f"{folder / 'metrics.jsonl'}: a trained round without its uplink or downlink bytes")
-            results.append(RunResult(cell, seed, folder, summary, rows))
+    for cell, seed in study.runs():
+        folder = run_folder(Path(out), cell, seed)
+        if state(folder, study.config(cell, seed, folder)) != "done":
+            continue
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        rows = read_metrics(folder)
+        _check_numbers(folder / "summary.json", [summary], SUMMARY_NUMBERS)
+        _check_numbers(folder / "metrics.jsonl", rows, ROW_NUMBERS)
+        if any(row.get(key) is None for row in rows if row["round"] > 0 for key in ("uplink_bytes",
+                                                                                    "downlink_bytes")):
+            raise ValueError(f"{folder / 'metrics.jsonl'}: a trained round without its uplink or downlink bytes")
+        results.append(RunResult(cell, seed, folder, summary, rows))
     return results
 
 

@@ -91,10 +91,13 @@ def study_markdown(study, summaries: list, plots: list[str]) -> str:
     baseline = study.baseline.label
     base_summary = next(s for s in summaries if s.cell.label == baseline)
     base_down = base_summary.stats["downlink_per_round"]
-    seeds = study.seeds
+    seeds = study.all_seeds()
+    grid = (f"{len(study.cells)} cells × {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+            if all(c.seeds is None for c in study.cells) else
+            f"{len(study.cells)} cells, {len(study.runs())} runs: seeds {', '.join(map(str, study.seeds))}, or the "
+            "cell's own (its row's seed count)")
     lines = [f"# Study: {study.name}", "",
-             f"From `{study.path.name}`: {len(study.cells)} cells × {len(seeds)} seeds "
-             f"({', '.join(map(str, seeds))}); baseline `{baseline}`."
+             f"From `{study.path.name}`: {grid}; baseline `{baseline}`."
              + (f" Target eval loss {study.target_loss}." if study.target_loss else ""), "",
              "Shared settings (`[base]`): "
              + (", ".join(f"`{k} = {v}`" for k, v in study.base.items()) or "defaults") + ".", ""]
@@ -149,7 +152,7 @@ def study_markdown(study, summaries: list, plots: list[str]) -> str:
     failures = [(s.cell.label, seed, error) for s in summaries for seed, error in s.failed.items()]
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- {label} seed {seed}: {error}" for label, seed, error in failures]
-    missing = [f"{s.cell.label} seed {seed}" for s in summaries for seed in seeds
+    missing = [f"{s.cell.label} seed {seed}" for s in summaries for seed in study.seeds_of(s.cell)
                if seed not in s.per_seed and seed not in s.failed]
     if missing:
         lines += ["", f"Not finished yet (still running, or stopped part way): {', '.join(missing)}."]
