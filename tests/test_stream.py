@@ -389,10 +389,9 @@ def test_fold_checks_each_update_as_it_arrives():
 
 
 @pytest.mark.parametrize("method,options", [("fedmomentum", {}), ("fedit", {})])
-def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_path, tiny_model, small_config,
-                                                        monkeypatch):
-    """The tiny model, one round of 3 clients through the in-process engine with ``STREAM_FROM`` lowered so that
-    it streams: the same updates (the clients train identically), the same adapter to round-off, the same records
+def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_path, tiny_model, small_config):
+    """The tiny model, one round of 3 clients through the in-process engine, ``stream = always`` against ``never``: the
+    same updates (the clients train identically), the same adapter to round-off, the same records
     but ``noise_share`` (not measured when streaming) and ``streamed``."""
     import copy
 
@@ -400,9 +399,9 @@ def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_pat
 
     runs = {}
     for streamed in (False, True):
-        monkeypatch.setattr(driver, "STREAM_FROM", 1 if streamed else 10**9)
         config = small_config(tmp_path / str(streamed), method=method, method_options=options, rounds=1,
-                              clients_per_round=3, clip="none", eval_every=1, accuracy_every=0)
+                              clients_per_round=3, clip="none", eval_every=1, accuracy_every=0,
+                              stream="always" if streamed else "never")
         simulation.run(config, model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1], quiet=True)
         state, _ = checkpoint.load(tmp_path / str(streamed) / driver.CHECKPOINT)
         rows = [json.loads(line) for line in (tmp_path / str(streamed) / "metrics.jsonl").read_text().splitlines()]
@@ -419,7 +418,31 @@ def test_a_run_that_streams_gives_the_run_that_collects(method, options, tmp_pat
     assert streamed_row.get("noise_share") is None
 
 
-def test_the_flower_strategy_folds_each_reply_as_it_arrives(tmp_path, small_config, monkeypatch):
+@pytest.mark.parametrize("stream,clients_per_round,clip,expected", [
+    ("auto", 3, "none", False), ("auto", 64, "none", True), ("always", 3, "none", True),
+    ("never", 64, "none", False),
+    ("auto", 64, "median", False)])
+def test_which_rounds_stream(stream, clients_per_round, clip, expected, tmp_path, small_config):
+    """``stream = auto`` from ``STREAM_FROM`` clients a round, ``always`` at any count, ``never`` not at all; not with
+    median clipping (it needs every norm first)."""
+    from types import SimpleNamespace
+
+    from fedmomentum import build, driver
+
+    config = small_config(tmp_path, clients=64, clients_per_round=clients_per_round, clip=clip, stream=stream)
+    assert driver.streams(SimpleNamespace(config=config, method=build.make_method(config)), 1) is expected
+
+
+def test_stream_always_that_no_round_can_honour_is_refused_before_the_run(tmp_path, fresh_tiny, small_config):
+    from fedmomentum import simulation
+
+    config = small_config(tmp_path / "run", clients_per_round=3, stream="always")  # clip = median by default
+    with pytest.raises(ValueError, match="stream = always, but no round can stream: median clipping"):
+        simulation.run(config, model=fresh_tiny[0], tokenizer=fresh_tiny[1], quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_flower_strategy_folds_each_reply_as_it_arrives(tmp_path, small_config):
     """The Flower engine on the in-process grid (Flower's wire format), one round of three nodes, one of which sends
     NaN factors: streamed, its reply is rejected with the reason and the other two are folded as they arrive (no
     reply kept: the exchange holds None for them); the adapter equals the round that collects, to round-off."""
@@ -428,9 +451,9 @@ def test_the_flower_strategy_folds_each_reply_as_it_arrives(tmp_path, small_conf
 
     states, records = {}, {}
     for streamed in (False, True):
-        monkeypatch.setattr(driver, "STREAM_FROM", 1 if streamed else 10**9)
         config = small_config(tmp_path / str(streamed), rounds=1, clients=3, clients_per_round=3, clip="none",
-                              train_per_family=16, accuracy_per_family=0, partition="iid")
+                              train_per_family=16, accuracy_per_family=0, partition="iid",
+                              stream="always" if streamed else "never")
         strategy = run_local(config, LocalGrid(faulty_client_app({2: "nan"}), range(3), 3, run_id=7))
         if streamed:
             assert list(strategy._round["exchange"].replies.values()) == [None, None, None]

@@ -37,6 +37,7 @@ ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 QuantizationKind = Literal["none", "nf4", "fp4", "int8"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Clip = Literal["none", "median"]
+Stream = Literal["auto", "always", "never"]
 NOT_EMPTY = Rule("non-empty", bool)
 
 # Other libraries' names for the keys, for the "did you mean" of an unknown one.
@@ -88,9 +89,12 @@ class RunConfig(TrainConfig):
     method_options: dict = key({}, "the method's options (fedmomentum methods), e.g. {residual_energy = 0.99}")
     weighting: Weighting = key("examples", "client weights p_i: by example count, or equal")
     clip: Clip = key("median", "bound each client's update: none, or median (at most clip_k × the round's median "
-                               "update norm; docs/security.md)")
+                               "update norm; docs/flower.md)")
     clip_k: float = key(2.0, "median clipping: the multiple of the round's median norm an update may reach",
                         at_least(1))
+    stream: Stream = key("auto", "fold each update into the aggregate as it arrives instead of holding the round's: "
+                                 "auto (from 64 clients a round), always (every round that can), never",
+                         may_change=True)
     lora_r: int = key(8, "LoRA rank of the global adapter", at_least(1))
     lora_alpha: float = key(16.0, "LoRA alpha: scaling α/r (α/√r with rslora)", above(0))
     target_modules: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter",

@@ -148,20 +148,32 @@ def open_run(setup: Setup, engine: Engine, out: Path, resume: bool, overwrite: b
     return state, spent, resume
 
 
-STREAM_FROM = 64  # a round of at least this many clients streams, when nothing in it needs every update at once
+STREAM_FROM = 64  # with stream = auto, a round of at least this many clients streams, when it can
+
+
+def why_not_streamed(setup: Setup) -> str | None:
+    """What needs every update of a round at once, so that no round of this run can stream (None: nothing)."""
+    config, method = setup.config, setup.method
+    if config.clip != "none":
+        return "median clipping (clip = median) needs the round's median update norm first"
+    if config.scaffold:
+        return "SCAFFOLD keeps a control variate per client"
+    if method.local:
+        return f"{config.method}'s clients keep their own {', '.join(method.local)}"
+    if method.start_state and config.client_ranks not in (None, []):
+        return f"{config.method}'s clients above the global rank start from the aggregate's next components"
+    return None
 
 
 def streams(setup: Setup, t: int) -> bool:
     """Whether round ``t`` folds each update into the aggregate as it arrives (``Method.open_round``), so the
-    server's memory does not grow with the number of clients: from ``STREAM_FROM`` clients a round, unless
-    something needs every update at once: median clipping (``clip``), SCAFFOLD's or the method's state kept per
-    client (``scaffold``, ``Method.local``), clients above the global rank that start from the method's state
-    (``Method.start_state``: FlexLoRA's tail), or a method that cannot stream (``Method.stream_sums``: FRLoRA, the
-    ``randomized`` SVD route)."""
-    config, method = setup.config, setup.method
-    return (config.clients_per_round >= STREAM_FROM and config.clip == "none" and not config.scaffold
-            and not method.local and not (method.start_state and config.client_ranks not in (None, []))
-            and method.stream_sums(t) is not None)
+    server's memory does not grow with the number of clients: ``stream = always``, or ``auto`` from ``STREAM_FROM``
+    clients a round; never when something needs every update at once (``why_not_streamed``) or the method cannot
+    stream this round (``Method.stream_sums``: FRLoRA, the ``randomized`` SVD route)."""
+    config = setup.config
+    if config.stream == "never" or (config.stream == "auto" and config.clients_per_round < STREAM_FROM):
+        return False
+    return why_not_streamed(setup) is None and setup.method.stream_sums(t) is not None
 
 
 def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple[ServerState, Aggregate, dict]:
@@ -332,6 +344,9 @@ def check_engine(setup: Setup, engine: Engine) -> None:
     for feature, (needed, why) in needs.items():
         if needed and feature not in engine.features:
             raise ValueError(f"the {engine.name} engine cannot run this yet: {why}")
+    blocked = why_not_streamed(setup) if config.stream == "always" else None
+    if blocked:
+        raise ValueError(f"stream = always, but no round can stream: {blocked}; use stream = auto or never")
 
 
 def peak_rss_mb() -> float:
