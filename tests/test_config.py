@@ -197,7 +197,7 @@ def test_what_may_change_on_resume_is_what_the_flower_fingerprint_ignores():
 
     base = RunConfig()
     for name in config_io.MAY_CHANGE_ON_RESUME:
-        other = {"out": "elsewhere", "device": "cuda:0", "report_to": "tensorboard"}.get(name)
+        other = {"out": "elsewhere", "device": "cuda:0", "report_to": "tensorboard", "stream": "never"}.get(name)
         if other is None:
             value = getattr(base, name)
             other = (not value) if isinstance(value, bool) else value + 1
