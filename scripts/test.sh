@@ -4,7 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
-# Two workers, one torch thread each: on two cores that is about twice one process with two threads. Each
-# document's blocks and the tests that start Flower or Ray processes stay together (tests/conftest.py).
+# Two workers of one torch thread each: on two cores, about twice as fast as one process with two threads.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=20 "$@"
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist worksteal --durations=20 "$@"

@@ -52,32 +52,13 @@ def tokenizer():
     return load_tokenizer()
 
 
-# --- running side by side (scripts/test.sh runs two pytest-xdist workers, --dist loadgroup) -------------------------
-
-PROCESSES = "flower-and-ray"  # tests that start Flower or Ray processes: one at a time (ports, Ray's local cluster)
-
-
-def xdist_group(item: pytest.Item) -> str | None:
-    """The group ``item`` must run in, in collection order on one worker, or None: each document's blocks share a
-    workspace and build on each other; whatever starts Flower or Ray processes runs one at a time."""
-    module = item.module.__name__.rsplit(".", 1)[-1]
-    if module == "test_docs" and "[" in item.name:
-        document = item.name.split("[", 1)[1].rsplit(":", 1)[0]
-        return PROCESSES if document == "docs/flower.md" else f"doc:{document}"
-    if module == "test_flower_deployment" or (module == "test_flower" and "ray" in item.name):
-        return PROCESSES
-    return None
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where there is none, so CPU-only CI passes; and
-    each test's ``xdist_group``."""
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where there is none, so CPU-only CI passes."""
     import torch
 
-    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if skip is not None and item.get_closest_marker("gpu") is not None:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-        group = xdist_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))

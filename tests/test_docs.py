@@ -156,24 +156,16 @@ def _prepared(block: Block) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def workspaces(tmp_path_factory):
-    """One folder per document, made (and its ``file`` blocks written) when its first block runs."""
-    made: dict[Path, Path] = {}
-
-    def get(path: Path) -> Path:
-        if path not in made:
-            folder = tmp_path_factory.mktemp(path.stem)
-            for name in LINKED:
-                (folder / name).symlink_to(ROOT / name)
-            (folder / ".venv").symlink_to(Path(sys.prefix))
-            for block in blocks(path):
-                for name in block.mark("file"):
-                    (folder / name).write_text(block.text, encoding="utf-8")
-            made[path] = folder
-        return made[path]
-
-    return get
+def workspace(path: Path, folder: Path) -> Path:
+    """``folder`` made ready for the blocks of document ``path``: the project linked in, its ``file`` blocks
+    written."""
+    for name in LINKED:
+        (folder / name).symlink_to(ROOT / name)
+    (folder / ".venv").symlink_to(Path(sys.prefix))
+    for block in blocks(path):
+        for name in block.mark("file"):
+            (folder / name).write_text(block.text, encoding="utf-8")
+    return folder
 
 
 def _env(block: Block) -> dict:
@@ -242,17 +234,20 @@ def _run_transcript(block: Block, cwd: Path, env: dict) -> None:
             assert done.returncode == 0, f"{block.name}: `{command}`\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("block", RUN, ids=[block.name for block in RUN])
-def test_doc_block_runs(block, workspaces):
+def _skipped(block: Block) -> str | None:
+    """Why ``block`` is not run here, or None."""
     for reason in block.mark("skip"):
-        pytest.skip(reason)
+        return reason
     if block.mark("cpu-only"):
         import torch
 
         if torch.cuda.is_available():
-            pytest.skip("the block shows what a machine without CUDA prints")
-    cwd, env = workspaces(block.path), _env(block)
+            return "the block shows what a machine without CUDA prints"
+    return None
+
+
+def _run_block(block: Block, cwd: Path) -> None:
+    env = _env(block)
     for command in block.mark("before"):
         done = _shell(shlex.split(command)[0], cwd, env)
         assert done.returncode == 0, f"{block.name}: before `{command}`: {done.stderr[-2000:]}"
@@ -266,6 +261,22 @@ def test_doc_block_runs(block, workspaces):
         _run_transcript(block, cwd, env)
     else:
         _run_bash(block, cwd, env)
+
+
+DOCUMENTS = [path for path in DOCS if any(block.path == path for block in RUN)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[str(path.relative_to(ROOT)) for path in DOCUMENTS])
+def test_document_runs(path, tmp_path):
+    """Every block of one document, in order, in one folder: a block may use what the blocks above it made. One
+    test per document, so that test workers running side by side never split a document."""
+    cwd = workspace(path, tmp_path)
+    ran = [block for block in RUN if block.path == path and _skipped(block) is None]
+    for block in ran:
+        _run_block(block, cwd)
+    if not ran:
+        pytest.skip("; ".join(filter(None, (_skipped(b) for b in RUN if b.path == path))))
 
 
 def test_the_tiny_variant_appends_where_it_should():

@@ -368,9 +368,11 @@ FIXTURE = Path(__file__).parent / "fixtures" / "study-tiny"  # made by tests/mom
 
 
 def committed_studies() -> list[Path]:
-    """Every ``docs/results/<study>/`` that holds its runs' files, and the tiny fixture study."""
+    """Every finished study in ``docs/results/`` that holds its runs' files (a study still running has no
+    ``study.md`` yet), and the tiny fixture study."""
     results = ROOT / "docs" / "results"
-    return sorted(p for p in results.iterdir() if any(p.glob("runs/*/seed-*/summary.json"))) + [FIXTURE]
+    return sorted(p for p in results.iterdir()
+                  if (p / "study.md").is_file() and any(p.glob("runs/*/seed-*/summary.json"))) + [FIXTURE]
 
 
 def spec_of(folder: Path) -> Path:

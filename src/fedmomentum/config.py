@@ -92,9 +92,6 @@ class RunConfig(TrainConfig):
                                "update norm; docs/flower.md)")
     clip_k: float = key(2.0, "median clipping: the multiple of the round's median norm an update may reach",
                         at_least(1))
-    stream: Stream = key("auto", "fold each update into the aggregate as it arrives instead of holding the round's: "
-                                 "auto (from 64 clients a round), always (every round that can), never",
-                         may_change=True)
     lora_r: int = key(8, "LoRA rank of the global adapter", at_least(1))
     lora_alpha: float = key(16.0, "LoRA alpha: scaling α/r (α/√r with rslora)", above(0))
     target_modules: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter",
@@ -135,6 +132,9 @@ class RunConfig(TrainConfig):
     # running
     seed: int = key(0, "seed of data, partition, sampling and initialisation", at_least(0))
     device: str = key("cpu", "cpu, cuda or cuda:N", may_change=True)
+    stream: Stream = key("auto", "fold each update into the aggregate as it arrives instead of holding the round's: "
+                                 "auto (from 64 clients a round), always (every round that can), never",
+                         may_change=True)
     dtype: ModelDtype = key("auto", "the base model's weights (auto: bfloat16 on CUDA, float32 on CPU)")
     quantization: QuantizationKind = key("none", "the base's linear layers held by bitsandbytes (QLoRA): none, nf4, "
                                                  "fp4 or int8")
