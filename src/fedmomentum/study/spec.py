@@ -46,8 +46,9 @@ class Study:
         return self.seeds if cell.seeds is None else cell.seeds
 
     def runs(self) -> list[tuple[Cell, int]]:
-        """Every run of the study, cell by cell."""
-        return [(cell, seed) for cell in self.cells for seed in self.seeds_of(cell)]
+        """Every run of the study, seed by seed (every cell of a seed, then the next seed), so that a study stopped
+        part way holds whole paired sets of seeds."""
+        return [(cell, seed) for seed in self.all_seeds() for cell in self.cells if seed in self.seeds_of(cell)]
 
     def all_seeds(self) -> list[int]:
         """Every seed some cell runs on: the grid's, then the cells' own in order."""
