@@ -24,6 +24,7 @@ from .summary import (
     Interval,
     curves,
     detectable_difference,
+    gap_vs_momentum,
     interval,
     read_back,
     run_metrics,
@@ -32,5 +33,5 @@ from .summary import (
 )
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "detectable_difference", "execute", "flat_folder", "interval", "load", "of_methods", "read_back",
-           "release", "run_folder", "run_metrics", "state", "summarize", "write"]
+           "detectable_difference", "execute", "flat_folder", "gap_vs_momentum", "interval", "load", "of_methods",
+           "read_back", "release", "run_folder", "run_metrics", "state", "summarize", "write"]
