@@ -160,6 +160,10 @@ method_options = {server_opt = "avgm"}
      'method = "fedit"\n[[cell]]\nname = "c"\nmethod = "fedmomentum"\n',
      "baseline: cell 'c' must agree with exactly one of the baseline cells (a, b) on everything but method; "
      "it agrees with 2: a, b"),
+    ('baseline = {lora_r = 2}\n[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\n',
+     "baseline: {'lora_r': 2} matches 2 cells (fedit, fedmomentum)"),  # every cell: nothing to compare
+    ('baseline = {}\n[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\n',
+     "baseline: must be a cell's name or a table of values, got {}"),
     ('target_loss = "low"\n[base]\n', "target_loss must be a number"),
     ('[base]\n[[cell]]\nname = "a"\nseed = 1\n', "cell 'a': key 'seed' is not a RunConfig key a cell may set"),
     ('[base]\n[[cell]]\nname = "a"\n[[cell]]\nname = "a"\n', "cells ['a'] share a label"),

@@ -254,10 +254,10 @@ def _baselines(spec, study: Study) -> dict[str, Cell]:
     """Each cell's baseline: the one cell ``spec`` names (its label, or values that match one cell; the first cell if
     none), or, where its values match several, the one of them that agrees with the cell on every other resolved
     setting (a regime sweep: FedIT at each ``clients_per_round``). A cell with none, or several, is an error."""
-    found, keys = _matches(spec, study)
+    resolved = {cell.label: study.config(cell, study.seeds[0]).to_dict() for cell in study.cells}
+    found, keys = _matches(spec, study, resolved)
     if len(found) == 1:
         return {cell.label: found[0] for cell in study.cells}
-    resolved = {cell.label: _flat(study.config(cell, study.seeds[0]).to_dict()) for cell in study.cells}
     baselines = {}
     for cell in study.cells:
         differing = {b.label: _differences(resolved[cell.label], resolved[b.label], keys) for b in found}
@@ -268,33 +268,34 @@ def _baselines(spec, study: Study) -> dict[str, Cell]:
     return baselines
 
 
-def _matches(spec, study: Study) -> tuple[list[Cell], tuple[str, ...]]:
-    """The cells ``spec`` picks out (at least one) and the keys it picks them by."""
+def _matches(spec, study: Study, resolved: dict[str, dict]) -> tuple[list[Cell], tuple[str, ...]]:
+    """The cells ``spec`` picks out (some, not all) and the keys it picks them by; ``resolved``: each cell's
+    resolved run config."""
     where = f"{study.path}: baseline"
     if spec is None:
         return [study.cells[0]], ()
     if isinstance(spec, str):
         found, keys = [c for c in study.cells if c.label == spec], ()
-    elif isinstance(spec, dict):
+    elif isinstance(spec, dict) and spec:
         wanted = _axes({k: [v] for k, v in spec.items()}, lambda key: f"{where} {key}")
-        resolved = [(c, study.config(c, study.seeds[0]).to_dict()) for c in study.cells]
-        found = [c for c, values in resolved
-                 if all(_lookup(values, key) == choice[0] for key, choice in wanted.items())]
+        found = [c for c in study.cells if all(_lookup(resolved[c.label], key) == choice[0]
+                                               for key, choice in wanted.items())]
         keys = tuple(wanted)
     else:
         raise StudyError(f"{where}: must be a cell's name or a table of values, got {spec!r}")
-    if not found:
+    if not found or len(found) == len(study.cells) > 1:
         raise StudyError(f"{where}: {spec!r} matches {len(found)} cells "
                          f"({', '.join(c.label for c in found) or 'none'}); it must pick out one of: "
-                         f"{', '.join(c.label for c in study.cells)}")
+                         f"{', '.join(c.label for c in study.cells)}, or one per group of cells")
     return found, keys
 
 
 def _differences(mine: dict, base: dict, keys: tuple[str, ...]) -> list[str]:
-    """The resolved settings (``_flat``) in which a cell differs from a baseline cell: all but the seed, the out
-    folder, the baseline's ``keys`` and the method options the baseline's method does not take (FedMomentum's
+    """The resolved settings in which a cell differs from a baseline cell: all but the seed, the out folder, the
+    baseline's ``keys`` and the method options the baseline's method does not take (FedMomentum's
     ``residual_energy`` beside FedIT)."""
-    takes = {f"{OPTIONS}.{name}" for name in methods.options(base["method"])}
+    takes = {f"{OPTIONS}.{name}" for name in methods.options(base["method"])} if OPTIONS not in keys else set()
+    mine, base = _flat(mine), _flat(base)
     return sorted(k for k in {*mine, *base} if k not in ("seed", "out", *keys)
                   and (k in takes or not k.startswith(OPTIONS + ".")) and mine.get(k) != base.get(k))
 
