@@ -87,6 +87,55 @@ def test_method_options_in_the_grid(tmp_path, grid, labels, options):
     assert [c.folder for c in study.cells] == [label.replace(" ", "_") for label in labels]
 
 
+def test_named_cells_are_compared_with_the_baseline_of_their_regime(tmp_path):
+    """``[[cell]]`` tables of one name per regime, ``baseline = {method = "fedit"}``: each cell is compared with the
+    FedIT cell that shares its other settings; an option FedIT does not take (``residual_energy``) does not count,
+    one it takes (``server_opt``) does."""
+    study = study_io.load(write(tmp_path, """
+baseline = {method = "fedit"}
+[base]
+[[cell]]
+name = "iid"
+method = "fedit"
+partition = "iid"
+[[cell]]
+name = "iid"
+method = "fedmomentum"
+partition = "iid"
+[[cell]]
+name = "family"
+method = "fedit"
+partition = "family"
+[[cell]]
+name = "family"
+method = "fedmomentum"
+partition = "family"
+[[cell]]
+name = "family tau=0.9"
+method = "fedmomentum"
+partition = "family"
+method_options = {residual_energy = 0.9}
+[[cell]]
+name = "family avgm"
+method = "fedit"
+partition = "family"
+method_options = {server_opt = "avgm"}
+[[cell]]
+name = "family avgm"
+method = "fedmomentum"
+partition = "family"
+method_options = {server_opt = "avgm"}
+"""))
+    assert {c.label: study.baseline_of(c).label for c in study.cells} == {
+        "iid fedit": "iid fedit", "iid fedmomentum": "iid fedit", "family fedit": "family fedit",
+        "family fedmomentum": "family fedit", "family tau=0.9": "family fedit",
+        "family avgm fedit": "family avgm fedit", "family avgm fedmomentum": "family avgm fedit"}
+    assert [c.label for c in study.baseline_cells()] == ["iid fedit", "family fedit", "family avgm fedit"]
+    assert study.compared_with("`") == "its baseline"
+    with pytest.raises(study_io.StudyError, match="3 baseline cells"):
+        study.baseline  # noqa: B018 - one baseline for every cell only
+
+
 @pytest.mark.parametrize("text, message", [
     ('baseline_cell = 1\n[base]\n', "unknown key(s) 'baseline_cell'"),
     ('[base]\nlocal_step = 3\n', "[base]: unknown config key(s): 'local_step' (did you mean 'local_steps'?)"),
@@ -102,6 +151,19 @@ def test_method_options_in_the_grid(tmp_path, grid, labels, options):
      "baseline: {'method': 'flora'} matches 0 cells"),
     ('baseline = {methd = "fedit"}\n[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\n',
      "baseline methd: unknown config key 'methd'"),
+    ('baseline = {method = "fedit"}\n[base]\n[[cell]]\nmethod = "fedit"\npartition = "iid"\n[[cell]]\n'
+     'method = "fedit"\npartition = "family"\n[[cell]]\nmethod = "fedmomentum"\npartition = "dirichlet"\n',
+     "baseline: cell 'fedmomentum partition=dirichlet' must agree with exactly one of the baseline cells "
+     "(fedit partition=iid, fedit partition=family) on everything but method; it agrees with none: "
+     "'fedit partition=iid' differs in partition; 'fedit partition=family' differs in partition"),
+    ('baseline = {method = "fedit"}\n[base]\n[[cell]]\nname = "a"\nmethod = "fedit"\n[[cell]]\nname = "b"\n'
+     'method = "fedit"\n[[cell]]\nname = "c"\nmethod = "fedmomentum"\n',
+     "baseline: cell 'c' must agree with exactly one of the baseline cells (a, b) on everything but method; "
+     "it agrees with 2: a, b"),
+    ('baseline = {lora_r = 2}\n[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\n',
+     "baseline: {'lora_r': 2} matches 2 cells (fedit, fedmomentum)"),  # every cell: nothing to compare
+    ('baseline = {}\n[base]\n[grid]\nmethod = ["fedit", "fedmomentum"]\n',
+     "baseline: must be a cell's name or a table of values, got {}"),
     ('target_loss = "low"\n[base]\n', "target_loss must be a number"),
     ('[base]\n[[cell]]\nname = "a"\nseed = 1\n', "cell 'a': key 'seed' is not a RunConfig key a cell may set"),
     ('[base]\n[[cell]]\nname = "a"\n[[cell]]\nname = "a"\n', "cells ['a'] share a label"),
@@ -212,7 +274,7 @@ def test_a_study_writes_tables_and_plots_and_a_resumed_study_redoes_nothing(tmp_
     text = (out / "study.md").read_text()
     assert "| fedmomentum | 2 |" in text and "Paired differences in final eval loss" in text
     assert f"| fedmomentum | {deltas[0]:+.4f} | {deltas[1]:+.4f} |" in text
-    for name in ("loss_vs_rounds.png", "loss_vs_bytes.png", "final.png"):
+    for name in ("loss_vs_rounds.png", "loss_vs_bytes.png", "final.png", "gap_vs_momentum.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in text
 
     # the per-round gap is the mean over seeds of the same-seed differences
@@ -257,6 +319,86 @@ def test_cells_with_their_own_seeds_are_paired_on_the_seeds_they_share(tmp_path)
     text = (out / "study.md").read_text()
     assert f"| fedmomentum | {gap:+.4f} | - | - |" in text and "Not finished yet" not in text
     assert study_io.read_back(study, out) and len(study_io.read_back(study, out)) == 4
+
+
+REGIMES = """
+baseline = {method = "fedit"}
+[base]
+[grid]
+method = ["fedit", "fedmomentum"]
+clients_per_round = [2, 3]
+seed = [0, 1, 2]
+"""
+
+
+def fake_runs(study, out: Path) -> dict[tuple[str, int], list[dict]]:
+    """A finished run folder (``config.json``, ``metrics.jsonl``, ``summary.json``) for every run of ``study`` in
+    ``out``, with made-up eval losses and momentum measures, nothing trained; (cell label, seed) → its rows."""
+    import random
+
+    numbers, made = random.Random(0), {}
+    for cell, seed in study.runs():
+        folder = study_io.run_folder(out, cell, seed)
+        config = study.config(cell, seed, folder)
+        rows = [{"round": 0, "eval_loss": 3.0}] + [
+            {"round": t, "eval_loss": numbers.uniform(1.0, 3.0), "uplink_bytes": 10, "downlink_bytes": 20,
+             "noise_share": numbers.uniform(0.0, 0.5), "update_alignment": numbers.uniform(-1, 1) if t > 1 else None}
+            for t in range(1, config.rounds + 1)]
+        losses = [row["eval_loss"] for row in rows]
+        summary = {"rounds": config.rounds, "final_eval_loss": losses[-1], "best_eval_loss": min(losses),
+                   "final_accuracy": 0.0, "uplink_bytes": 10 * config.rounds, "downlink_bytes": 20 * config.rounds,
+                   "seconds": 1.0}
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (folder / "summary.json").write_text(json.dumps(summary))
+        made[(cell.label, seed)] = rows
+    return made
+
+
+def test_a_regime_sweep_compares_each_cell_with_the_baseline_of_its_regime(tmp_path):
+    """``baseline = {method = "fedit"}`` over method × clients_per_round: each FedMomentum cell is paired with the
+    FedIT cell of its clients_per_round, in the tables, the per-round gaps and the gap against momentum plot."""
+    path, out = write(tmp_path, REGIMES, rounds=3), tmp_path / "out"
+    study = study_io.load(path)
+    rows = fake_runs(study, out)
+    result = runner.invoke(app, ["study", "--config", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("already finished, read back") == 12
+
+    def mean_loss(label, seed):
+        return statistics.mean(row["eval_loss"] for row in rows[(label, seed)][1:])
+
+    def mean_of(label, key):
+        return statistics.mean(statistics.mean(row[key] for row in rows[(label, seed)] if row.get(key) is not None)
+                               for seed in (0, 1, 2))
+
+    results = study_io.read_back(study, out)
+    points = {title: {p.label: p for p in found}
+              for title, found in study_io.gap_vs_momentum(study_io.summarize(study, results)).items()}
+    gaps = study_io.curves(study, results)[1]
+    table = {row["cell"]: row for row in csv.DictReader((out / "study.csv").open())}
+    text = (out / "study.md").read_text()
+    for k in (2, 3):
+        cell, base = f"fedmomentum clients_per_round={k}", f"fedit clients_per_round={k}"
+        diffs = [mean_loss(cell, seed) - mean_loss(base, seed) for seed in (0, 1, 2)]
+        assert table[cell]["baseline"] == base and table[base]["baseline"] == base
+        assert float(table[cell]["delta_mean_eval_loss_mean"]) == pytest.approx(statistics.mean(diffs))
+        assert float(table[cell]["delta_mean_eval_loss_ci95"]) == pytest.approx(
+            T_975[2] * statistics.stdev(diffs) / math.sqrt(3))
+        assert f"| {cell} | {base} | " + " | ".join(f"{d:+.4f}" for d in diffs) + " | " in text
+        assert gaps[cell].mean == pytest.approx([statistics.mean(
+            rows[(cell, seed)][t]["eval_loss"] - rows[(base, seed)][t]["eval_loss"] for seed in (0, 1, 2))
+            for t in range(4)])
+        noise = points["noise share"][cell]
+        assert (noise.x, noise.y, noise.half) == pytest.approx((mean_of(base, "noise_share"), statistics.mean(diffs),
+                                                                T_975[2] * statistics.stdev(diffs) / math.sqrt(3)))
+        assert points["update alignment"][cell].x == pytest.approx(mean_of(base, "update_alignment"))
+    assert set(points["noise share"]) == {"fedmomentum clients_per_round=2", "fedmomentum clients_per_round=3"}
+    assert "baselines `fedit clients_per_round=2`, `fedit clients_per_round=3`" in text
+    assert "## Paired differences in mean eval loss over rounds: cell − its baseline, same seed" in text
+    assert (out / "gap_vs_momentum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![gap_vs_momentum.png](gap_vs_momentum.png)" in text
 
 
 def test_a_study_of_server_optimizers_and_client_corrections(tmp_path):

@@ -373,16 +373,19 @@ def _show_grid(spec, out: Path, folder=None) -> None:
 
     doing = {"new": "would start", "done": "finished, would be read back", "partial": "would resume",
              "started": "would start over"}
-    typer.echo(f"study {spec.name}: {len(spec.cells)} cells, {len(spec.runs())} runs into {out}; baseline "
-               f"{spec.baseline.label!r}")
+    bases = spec.baseline_cells()
+    typer.echo(f"study {spec.name}: {len(spec.cells)} cells, {len(spec.runs())} runs into {out}; baseline"
+               f"{'s' if len(bases) > 1 else ''} {', '.join(repr(b.label) for b in bases)}")
     for cell in spec.cells:
         config = spec.config(cell, spec.seeds[0])
         flow = plan.make(config, with_data=False).traffic
         bytes_text = "" if flow is None else (
             f"; a client sends {sum(flow.uplink) / len(flow.uplink) / 1e6:.2f} MB and receives "
             f"{'' if flow.downlink_exact else '≤ '}{sum(flow.downlink) / len(flow.downlink) / 1e6:.2f} MB a round")
+        base = spec.baseline_of(cell)
+        versus = "" if len(bases) == 1 else "; a baseline" if base is cell else f"; compared with {base.label!r}"
         typer.echo(f"  {cell.label}: {config.method} {json.dumps(config.method_options)}, {config.rounds} rounds"
-                   + bytes_text)
+                   + bytes_text + versus)
         for seed in spec.seeds_of(cell):
             where = (folder or (lambda c, s: study_io.run_folder(out, c, s)))(cell, seed)
             try:

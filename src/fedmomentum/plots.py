@@ -168,3 +168,37 @@ def plot_study_final(summaries: list, baseline: str, path: str | Path) -> None:
     _bar_panel(axes[2], labels, [d.mean / 1e6 if d else None for d in downlink], [None] * len(labels), colors,
                "downlink per client per round, MB")
     _finish(figure, path)
+
+
+@dataclass
+class Point:
+    """A cell in a scatter: its label, x, y and the half width of y's interval (None: no interval)."""
+
+    label: str
+    x: float
+    y: float
+    half: float | None
+
+
+def plot_gap_vs_momentum(panels: dict[str, list[Point]], labels: list[str], baseline: str,
+                         path: str | Path) -> None:
+    """A panel per measure of the baseline (its title → the cells' points): x = the cell's baseline's mean of the
+    measure, y = the cell's paired mean eval loss difference to that baseline with its 95 % interval; whether the
+    gap grows with, say, the baseline's noise share across regimes."""
+    colors = _colors(labels)
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for axis, (title, points) in zip(axes[0], panels.items(), strict=True):
+        for p in points:
+            axis.errorbar(p.x, p.y, yerr=p.half if p.half is not None else None, fmt="o", capsize=3,
+                          color=colors[p.label])
+            axis.annotate(p.label, (p.x, p.y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        if not points:
+            axis.annotate("not measured", (0.5, 0.5), xycoords="axes fraction", ha="center")
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.margins(x=0.25)  # room for the labels
+        axis.xaxis.set_major_locator(MaxNLocator(5))
+        axis.set(xlabel=f"{title} of {baseline} (mean over seeds)",
+                 ylabel=f"mean eval loss − {baseline} (same seed)",
+                 title=f"gap to {baseline} against its {title} (bars: 95% interval)")
+        axis.grid(alpha=0.3)
+    _finish(figure, path)

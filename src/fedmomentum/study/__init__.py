@@ -8,7 +8,9 @@ A study file (TOML or YAML) holds:
 - ``[[cell]]`` (optional): tables of RunConfig keys, each one cell (``name`` labels it), crossed with ``[grid]``;
   for cells that differ in more than one key, e.g. FedIT beside FedMomentum variants;
 - ``baseline``: the cell the others are compared with, as the values that pick it out (``{method = "fedit"}``)
-  or a cell's name; ``target_loss`` (optional): for rounds to that eval loss; ``name`` (optional): a title.
+  or a cell's name; values that pick out several cells give a baseline per group (each cell compared with the one
+  that agrees with it on every other setting: FedIT per regime); ``target_loss`` (optional): for rounds to that eval
+  loss; ``name`` (optional): a title.
 
 Every cell × seed is a normal run folder ``runs/<cell>/seed-<k>`` made by ``simulation.run``; a finished run is
 read back, never redone, and an interrupted one resumes from its checkpoint, so a study can be stopped and continued.
@@ -24,6 +26,7 @@ from .summary import (
     Interval,
     curves,
     detectable_difference,
+    gap_vs_momentum,
     interval,
     read_back,
     run_metrics,
@@ -32,5 +35,5 @@ from .summary import (
 )
 
 __all__ = ["Band", "Cell", "CellSummary", "Interval", "RunResult", "Study", "StudyError", "claim", "curves",
-           "detectable_difference", "execute", "flat_folder", "interval", "load", "of_methods", "read_back",
-           "release", "run_folder", "run_metrics", "state", "summarize", "write"]
+           "detectable_difference", "execute", "flat_folder", "gap_vs_momentum", "interval", "load", "of_methods",
+           "read_back", "release", "run_folder", "run_metrics", "state", "summarize", "write"]

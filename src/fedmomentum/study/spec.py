@@ -6,10 +6,11 @@ import itertools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as config_io
+from .. import methods
 from ..config import RunConfig
 
 TOP_KEYS = ("name", "baseline", "target_loss", "base", "grid", "cell")
@@ -38,8 +39,30 @@ class Study:
     base: dict
     cells: list[Cell]
     seeds: list[int]
-    baseline: Cell
+    baselines: dict[str, Cell] = field(default_factory=dict)  # cell label → the cell it is compared with
     target_loss: float | None = None
+
+    def baseline_of(self, cell: Cell) -> Cell:
+        """The cell ``cell`` is compared with, seed by seed (a baseline cell is its own)."""
+        return self.baselines[cell.label]
+
+    def baseline_cells(self) -> list[Cell]:
+        """The cells the others are compared with, in the study's order: one, unless ``baseline`` picks out a
+        baseline per group of cells."""
+        return [cell for cell in self.cells if self.baseline_of(cell) is cell]
+
+    @property
+    def baseline(self) -> Cell:
+        """The baseline of every cell, when there is one (else a ``StudyError``: ask ``baseline_of``)."""
+        cells = self.baseline_cells()
+        if len(cells) != 1:
+            raise StudyError(f"{self.path}: {len(cells)} baseline cells, one per group: use baseline_of(cell)")
+        return cells[0]
+
+    def compared_with(self, quote: str = "") -> str:
+        """What a cell is compared with, in words: the baseline's label (between ``quote``s), or "its baseline"."""
+        cells = self.baseline_cells()
+        return f"{quote}{cells[0].label}{quote}" if len(cells) == 1 else "its baseline"
 
     def seeds_of(self, cell: Cell) -> list[int]:
         """The seeds ``cell`` runs on: its own, else the grid's."""
@@ -109,6 +132,12 @@ def _flat(values: dict) -> dict:
     return flat
 
 
+def _varying(tables: list[dict]) -> set[str]:
+    """The keys (``method_options`` spread) whose values are not the same in all ``tables``."""
+    keys = {key for table in tables for key in _flat(table)}
+    return {key for key in keys if len({repr(_flat(table).get(key)) for table in tables}) > 1}
+
+
 def _label(values: dict, varying: set[str]) -> str:
     """The values that tell cells apart: the method bare, the rest as ``key=value`` (options by their own name)."""
     parts = []
@@ -145,10 +174,10 @@ def load(path: str | Path, overrides: dict | None = None) -> Study:
     seeds = _seeds(axes.pop("seed", [base.get("seed", 0)]), f"{path}: [grid] seed")
 
     cells = _cells(spec.get("cell", [{}]), axes, path)
-    study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds), cells[0],
-                  _target(spec.get("target_loss"), path))
+    study = Study(path, str(spec.get("name", path.stem)), base, cells, list(seeds),
+                  target_loss=_target(spec.get("target_loss"), path))
     _check_cells(study)
-    study.baseline = _baseline(spec.get("baseline"), study)
+    study.baselines = _baselines(spec.get("baseline"), study)
     return study
 
 
@@ -160,9 +189,10 @@ def of_methods(names: list[str], base: RunConfig, target_loss: float | None = No
     values = {k: v for k, v in base.to_dict().items() if k not in ("out", "seed", "method", "method_options")}
     cells = [Cell(name, {"method": name, "method_options": {
         **(base.method_options if name == base.method else {}), **(shared or {})}}) for name in names]
-    study = Study(Path(path or "compare"), "compare", values, cells, [base.seed], cells[0],
-                  None if target_loss is None else _target(target_loss, Path(path or "--target-loss")))
+    study = Study(Path(path or "compare"), "compare", values, cells, [base.seed],
+                  target_loss=None if target_loss is None else _target(target_loss, Path(path or "--target-loss")))
     _check_cells(study)
+    study.baselines = _baselines(None, study)
     return study
 
 
@@ -191,9 +221,10 @@ def _cells(tables, axes: dict[str, list], path: Path) -> list[Cell]:
         for choice in itertools.product(*axes.values()):
             chosen = _cell_values(axes, choice)
             drafts.append((table.get("name"), config_io.merge(own, chosen), chosen, seeds))
-    keys = {key for _, values, _, _ in drafts for key in _flat(values)}
-    varying = {key for key in keys if len({repr(_flat(v).get(key)) for _, v, _, _ in drafts}) > 1}
-    cells = [Cell(" ".join(filter(None, [str(name), _label(chosen, varying)])) if name is not None
+    varying = _varying([values for _, values, _, _ in drafts])
+    namesakes = {name: _varying([t for t in tables if t.get("name") == name]) for name, _, _, _ in drafts}
+    cells = [Cell(" ".join(filter(None, [str(name), _label(values, namesakes[name] - set(_flat(chosen))),
+                                         _label(chosen, varying)])) if name is not None
                   else _label(values, varying) or "default", values, seeds) for name, values, chosen, seeds in drafts]
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):
@@ -219,25 +250,65 @@ def _target(value, path: Path) -> float | None:
     return float(value)
 
 
-def _baseline(spec, study: Study) -> Cell:
-    """The cell named by ``spec`` (its label, or values that match exactly one cell); the first cell if none."""
+def _baselines(spec, study: Study) -> dict[str, Cell]:
+    """Each cell's baseline: the one cell ``spec`` names (its label, or values that match one cell; the first cell if
+    none), or, where its values match several, the one of them that agrees with the cell on every other resolved
+    setting (a regime sweep: FedIT at each ``clients_per_round``). A cell with none, or several, is an error."""
+    resolved = {cell.label: study.config(cell, study.seeds[0]).to_dict() for cell in study.cells}
+    found, keys = _matches(spec, study, resolved)
+    if len(found) == 1:
+        return {cell.label: found[0] for cell in study.cells}
+    baselines = {}
+    for cell in study.cells:
+        differing = {b.label: _differences(resolved[cell.label], resolved[b.label], keys) for b in found}
+        same = [cell] if cell in found else [b for b in found if not differing[b.label]]
+        if len(same) != 1:
+            raise StudyError(_unpaired(study, cell, found, same, keys, differing))
+        baselines[cell.label] = same[0]
+    return baselines
+
+
+def _matches(spec, study: Study, resolved: dict[str, dict]) -> tuple[list[Cell], tuple[str, ...]]:
+    """The cells ``spec`` picks out (some, not all) and the keys it picks them by; ``resolved``: each cell's
+    resolved run config."""
     where = f"{study.path}: baseline"
     if spec is None:
-        return study.cells[0]
+        return [study.cells[0]], ()
     if isinstance(spec, str):
-        found = [c for c in study.cells if c.label == spec]
-    elif isinstance(spec, dict):
+        found, keys = [c for c in study.cells if c.label == spec], ()
+    elif isinstance(spec, dict) and spec:
         wanted = _axes({k: [v] for k, v in spec.items()}, lambda key: f"{where} {key}")
-        resolved = [(c, study.config(c, study.seeds[0]).to_dict()) for c in study.cells]
-        found = [c for c, values in resolved
-                 if all(_lookup(values, key) == choice[0] for key, choice in wanted.items())]
+        found = [c for c in study.cells if all(_lookup(resolved[c.label], key) == choice[0]
+                                               for key, choice in wanted.items())]
+        keys = tuple(wanted)
     else:
         raise StudyError(f"{where}: must be a cell's name or a table of values, got {spec!r}")
-    if len(found) != 1:
+    if not found or len(found) == len(study.cells) > 1:
         raise StudyError(f"{where}: {spec!r} matches {len(found)} cells "
                          f"({', '.join(c.label for c in found) or 'none'}); it must pick out one of: "
-                         f"{', '.join(c.label for c in study.cells)}")
-    return found[0]
+                         f"{', '.join(c.label for c in study.cells)}, or one per group of cells")
+    return found, keys
+
+
+def _differences(mine: dict, base: dict, keys: tuple[str, ...]) -> list[str]:
+    """The resolved settings in which a cell differs from a baseline cell: all but the seed, the out folder, the
+    baseline's ``keys`` and the method options the baseline's method does not take (FedMomentum's
+    ``residual_energy`` beside FedIT)."""
+    takes = {f"{OPTIONS}.{name}" for name in methods.options(base["method"])} if OPTIONS not in keys else set()
+    mine, base = _flat(mine), _flat(base)
+    return sorted(k for k in {*mine, *base} if k not in ("seed", "out", *keys)
+                  and (k in takes or not k.startswith(OPTIONS + ".")) and mine.get(k) != base.get(k))
+
+
+def _unpaired(study: Study, cell: Cell, found: list[Cell], same: list[Cell], keys: tuple[str, ...],
+              differing: dict[str, list[str]]) -> str:
+    """Why ``cell`` has no single baseline among the ``found`` cells: it agrees with several (``same``) or none."""
+    head = (f"{study.path}: baseline: cell {cell.label!r} must agree with exactly one of the baseline cells "
+            f"({', '.join(b.label for b in found)}) on everything but {', '.join(keys)}")
+    if same:
+        return f"{head}; it agrees with {len(same)}: {', '.join(b.label for b in same)}"
+    return f"{head}; it agrees with none: " + "; ".join(
+        f"{b.label!r} differs in {', '.join(differing[b.label])}" for b in found)
 
 
 def _lookup(values: dict, key: str):

@@ -102,9 +102,10 @@ def run_metrics(result: RunResult, target_loss: float | None) -> dict:
 
 @dataclass
 class CellSummary:
-    """A cell over its seeds: per-seed metrics, their intervals, the paired differences to the baseline."""
+    """A cell over its seeds: per-seed metrics, their intervals, the paired differences to its baseline."""
 
     cell: Cell
+    baseline: Cell  # the cell it is compared with (itself for a baseline cell)
     per_seed: dict[int, dict]  # seed → run_metrics
     failed: dict[int, str]  # seed → error
     stats: dict[str, Interval | None]
@@ -119,7 +120,7 @@ def _paired(mine: dict[int, dict], base: dict[int, dict], metric: str) -> tuple[
 
 
 def summarize(study: Study, results: list[RunResult]) -> list[CellSummary]:
-    """One ``CellSummary`` per cell, in the study's order."""
+    """One ``CellSummary`` per cell, in the study's order, each compared with its own baseline."""
     by_cell: dict[str, dict[int, dict]] = {c.label: {} for c in study.cells}
     failed: dict[str, dict[int, str]] = {c.label: {} for c in study.cells}
     for r in results:
@@ -127,14 +128,13 @@ def summarize(study: Study, results: list[RunResult]) -> list[CellSummary]:
             by_cell[r.cell.label][r.seed] = run_metrics(r, study.target_loss)
         else:
             failed[r.cell.label][r.seed] = r.error
-    base = by_cell[study.baseline.label]
     summaries = []
     for cell in study.cells:
-        mine = by_cell[cell.label]
+        mine, baseline = by_cell[cell.label], study.baseline_of(cell)
         stats = {m: interval([v[m] for v in mine.values()]) for m in METRICS}
-        paired = {m: _paired(mine, base, m) for m in PAIRED}
+        paired = {m: _paired(mine, by_cell[baseline.label], m) for m in PAIRED}
         reached = sum(v["rounds_to_target"] is not None for v in mine.values())
-        summaries.append(CellSummary(cell, mine, failed[cell.label], stats, paired, reached))
+        summaries.append(CellSummary(cell, baseline, mine, failed[cell.label], stats, paired, reached))
     return summaries
 
 
@@ -153,15 +153,15 @@ def _eval_losses(result: RunResult) -> dict[int, float]:
 
 
 def curves(study: Study, results: list[RunResult]) -> tuple[dict[str, Band], dict[str, Band], dict[str, Band]]:
-    """Per cell: eval loss per round (mean, min–max band over seeds); the paired gap to the baseline per round
+    """Per cell: eval loss per round (mean, min–max band over seeds); the paired gap to its baseline per round
     (mean, 95 % interval); eval loss against cumulative downlink MB per client (mean over seeds)."""
     done = [r for r in results if r.error is None]
-    base = {r.seed: _eval_losses(r) for r in done if r.cell.label == study.baseline.label}
     losses, gaps, frontier = {}, {}, {}
     for cell in study.cells:
         runs = [r for r in done if r.cell.label == cell.label]
         if not runs:
             continue
+        base = {r.seed: _eval_losses(r) for r in done if r.cell.label == study.baseline_of(cell).label}
         per_seed = {r.seed: _eval_losses(r) for r in runs}
         rounds = sorted(set.intersection(*(set(v) for v in per_seed.values())))
         values = [[per_seed[s][t] for s in per_seed] for t in rounds]
@@ -189,6 +189,28 @@ def curves(study: Study, results: list[RunResult]) -> tuple[dict[str, Band], dic
     return losses, gaps, frontier
 
 
+# the baseline's momentum measures the paired gap is set against (``gap_vs_momentum.png``): run metric → title
+GAP_AGAINST = {"mean_noise_share": tables.MOMENTUM["mean_noise_share"],
+               "mean_update_alignment": tables.MOMENTUM["mean_update_alignment"]}
+
+
+def gap_vs_momentum(summaries: list[CellSummary]) -> dict[str, list[plots.Point]]:
+    """Per measure of ``GAP_AGAINST`` (its title), a point per non-baseline cell: x = its baseline's mean of the
+    measure over seeds, y = the paired mean eval loss difference to that baseline (95 % interval). Does the gap
+    FedMomentum closes grow with the noise of averaging factors, or with how consistently the baseline moved?"""
+    stats = {s.cell.label: s.stats for s in summaries}
+    points: dict[str, list[plots.Point]] = {title: [] for title in GAP_AGAINST.values()}
+    for s in summaries:
+        gap = s.paired["mean_eval_loss"][1]
+        if s.baseline.label == s.cell.label or gap is None:
+            continue
+        for metric, title in GAP_AGAINST.items():
+            x = stats[s.baseline.label][metric]
+            if x is not None:
+                points[title].append(plots.Point(s.cell.label, x.mean, gap.mean, gap.half))
+    return points
+
+
 def write(study: Study, results: list[RunResult], out: str | Path, draw: bool = True) -> list[Path]:
     """``study.csv``, ``runs.csv``, ``study.md`` and (``draw``) the plots in ``out``; returns their paths."""
     out = Path(out)
@@ -196,9 +218,13 @@ def write(study: Study, results: list[RunResult], out: str | Path, draw: bool = 
     written = [tables.write_study_csv(summaries, out / "study.csv"),
                tables.write_runs_csv(summaries, out / "runs.csv")]
     losses, gaps, frontier = curves(study, results)
-    figures = {"loss_vs_rounds.png": lambda p: plots.plot_study_rounds(losses, gaps, study.baseline.label, p),
+    versus, points = study.compared_with(), gap_vs_momentum(summaries)
+    figures = {"loss_vs_rounds.png": lambda p: plots.plot_study_rounds(losses, gaps, versus, p),
                "loss_vs_bytes.png": lambda p: plots.plot_study_bytes(frontier, p),
-               "final.png": lambda p: plots.plot_study_final(summaries, study.baseline.label, p)}
+               "final.png": lambda p: plots.plot_study_final(summaries, versus, p)}
+    if any(points.values()):
+        figures["gap_vs_momentum.png"] = lambda p: plots.plot_gap_vs_momentum(
+            points, [s.cell.label for s in summaries], versus, p)
     if draw and any(losses.values()):
         for name, figure in figures.items():
             figure(out / name)

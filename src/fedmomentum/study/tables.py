@@ -49,13 +49,19 @@ def _detectable(stat) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _several_baselines(summaries: list) -> bool:
+    """Whether the cells are compared with more than one baseline (one per group of cells)."""
+    return len({s.baseline.label for s in summaries}) > 1
+
+
 def write_study_csv(summaries: list, path: str | Path) -> Path:
-    """One row per cell: seeds, failures, mean and std of each metric, the paired difference to the baseline (mean,
-    95 % interval's half width, the smallest difference detectable at 80 % power)."""
-    rows = []
+    """One row per cell: seeds, failures, mean and std of each metric, the paired difference to its baseline (mean,
+    95 % interval's half width, the smallest difference detectable at 80 % power); the baseline named in a column
+    of its own where there are several."""
+    rows, several = [], _several_baselines(summaries)
     for s in summaries:
-        row = {"cell": s.cell.label, "seeds": len(s.per_seed), "failed": len(s.failed),
-               "reached_target": s.reached_target}
+        row = {"cell": s.cell.label, **({"baseline": s.baseline.label} if several else {}),
+               "seeds": len(s.per_seed), "failed": len(s.failed), "reached_target": s.reached_target}
         for metric in CSV_STATS:
             stat = s.stats[metric]
             row[f"{metric}_mean"] = stat.mean if stat else None
@@ -85,19 +91,22 @@ def _write_csv(rows: list[dict], path: str | Path) -> Path:
 
 def study_markdown(study, summaries: list, plots: list[str]) -> str:
     """The study as Markdown: setup; one row per cell (mean ± std over seeds); the momentum measures (mean and 95 %
-    interval over seeds) where the runs recorded them; per compared metric, the paired differences to the baseline
-    per seed with a 95 % t interval and the smallest difference detectable at 80 % power; failures; the plots.
+    interval over seeds) where the runs recorded them; per compared metric, the paired differences to each cell's
+    baseline per seed with a 95 % t interval and the smallest difference detectable at 80 % power; failures; the plots.
     Everything in it is computed from the runs' files, so it can be recomputed from them."""
-    baseline = study.baseline.label
-    base_summary = next(s for s in summaries if s.cell.label == baseline)
-    base_down = base_summary.stats["downlink_per_round"]
+    stats = {s.cell.label: s.stats for s in summaries}
+    several = _several_baselines(summaries)
+    baselines = ", ".join(f"`{c.label}`" for c in study.baseline_cells())
     seeds = study.all_seeds()
     grid = (f"{len(study.cells)} cells × {len(seeds)} seeds ({', '.join(map(str, seeds))})"
             if all(c.seeds is None for c in study.cells) else
             f"{len(study.cells)} cells, {len(study.runs())} runs: seeds {', '.join(map(str, study.seeds))}, or the "
             "cell's own (its row's seed count)")
     lines = [f"# Study: {study.name}", "",
-             f"From `{study.path.name}`: {grid}; baseline `{baseline}`."
+             f"From `{study.path.name}`: {grid}; "
+             + (f"baselines {baselines}: each cell is compared with the one that shares its other settings (the "
+                "`baseline` column below)."
+                if several else f"baseline {baselines}.")
              + (f" Target eval loss {study.target_loss}." if study.target_loss else ""), "",
              "Shared settings (`[base]`): "
              + (", ".join(f"`{k} = {v}`" for k, v in study.base.items()) or "defaults") + ".", ""]
@@ -110,7 +119,7 @@ def study_markdown(study, summaries: list, plots: list[str]) -> str:
               "MB to target | uplink MB/round | downlink MB/round | downlink × baseline | s per run |",
               "|" + "---|" * 12]
     for s in summaries:
-        down = s.stats["downlink_per_round"]
+        down, base_down = s.stats["downlink_per_round"], stats[s.baseline.label]["downlink_per_round"]
         ratio = f"{down.mean / base_down.mean:.2f}" if down and base_down and base_down.mean else "-"
         reached = f" ({s.reached_target}/{len(s.per_seed)})"
         to_target = ((f"{_pm(s.stats['rounds_to_target'], '.1f')}{reached}", _pm(s.stats["bytes_to_target"], ".2f",
@@ -134,16 +143,17 @@ def study_markdown(study, summaries: list, plots: list[str]) -> str:
                   "and after a round; path efficiency: ‖W_T − W_0‖ / Σ‖ΔW_t‖; noise share: "
                   "‖Σp_iB_iA_i − B̄Ā‖ / ‖Σp_iB_iA_i‖ (see docs/studies.md)."]
     for metric, (title, lower) in PAIRED.items():
-        lines += ["", f"## Paired differences in {title}: cell − `{baseline}`, same seed", "",
-                  "| cell | " + " | ".join(f"seed {k}" for k in seeds)
+        lines += ["", f"## Paired differences in {title}: cell − {study.compared_with('`')}, same seed", "",
+                  "| cell | " + ("baseline | " if several else "") + " | ".join(f"seed {k}" for k in seeds)
                   + " | mean [95% interval] | reading | detectable at 80% power |",
-                  "|" + "---|" * (len(seeds) + 4)]
+                  "|" + "---|" * (len(seeds) + 4 + int(several))]
         for s in summaries:
-            if s.cell.label == baseline:
+            if s.cell.label == s.baseline.label:
                 continue
             diffs, stat = s.paired[metric]
             per_seed = " | ".join(f"{diffs[k]:+.4f}" if k in diffs else "-" for k in seeds)
-            lines.append(f"| {s.cell.label} | {per_seed} | {_ci(stat)} | {_reading(stat, lower)} | "
+            named = f"{s.baseline.label} | " if several else ""
+            lines.append(f"| {s.cell.label} | {named}{per_seed} | {_ci(stat)} | {_reading(stat, lower)} | "
                          f"{_detectable(stat)} |")
     lines += ["", "Intervals are t intervals over seeds (n − 1 degrees of freedom) of the paired differences; "
               "'no clear difference' means the interval contains 0. 'Detectable at 80% power': the smallest true "
