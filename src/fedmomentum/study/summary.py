@@ -222,7 +222,7 @@ def write(study: Study, results: list[RunResult], out: str | Path, draw: bool = 
     figures = {"loss_vs_rounds.png": lambda p: plots.plot_study_rounds(losses, gaps, versus, p),
                "loss_vs_bytes.png": lambda p: plots.plot_study_bytes(frontier, p),
                "final.png": lambda p: plots.plot_study_final(summaries, versus, p)}
-    if any(points.values()):
+    if len(study.baseline_cells()) > 1 and any(points.values()):  # with one baseline every point has one x
         figures["gap_vs_momentum.png"] = lambda p: plots.plot_gap_vs_momentum(
             points, [s.cell.label for s in summaries], versus, p)
     if draw and any(losses.values()):
