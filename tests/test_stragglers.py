@@ -351,3 +351,19 @@ def test_the_flower_engine_refuses_stragglers_in_one_line():
         driver.check_engine(setup, flower)
     assert "\n" not in str(error.value)
     driver.check_engine(SimpleNamespace(config=config.replace(straggler_rate=0.0), method=setup.method), flower)
+
+
+def test_a_checkpoint_written_before_these_keys_existed_still_resumes(tmp_path, tiny_model, small_config):
+    config = small_config(tmp_path / "run", rounds=1, accuracy_per_family=0)
+    run(config, tiny_model)
+    path = tmp_path / "run" / driver.CHECKPOINT
+    state, info = checkpoint.load(path)
+    old = {k: v for k, v in info["config"].items() if k not in ("straggler_rate", "straggler_delay")}
+    checkpoint.save(path, state, {**info, "config": old})
+    simulation.run(config.replace(rounds=2), model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1],
+                   resume=True, quiet=True)
+    assert final_adapter(tmp_path / "run").rounds_done == 2
+    checkpoint.save(path, state, {**info, "config": {**old, "straggler_rate": 0.5}})  # a real difference still counts
+    with pytest.raises(ValueError, match="different config: straggler_rate"):
+        simulation.run(config.replace(rounds=2), model=copy.deepcopy(tiny_model[0]), tokenizer=tiny_model[1],
+                       resume=True, quiet=True)
