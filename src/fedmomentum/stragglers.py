@@ -53,7 +53,8 @@ def refusal(config, method: Method) -> str | None:
     delay = config.straggler_delay
     if method.trainable(1) != method.trainable(1 + delay) or method.trainable(2) != method.trainable(2 + delay):
         return (f"{config.method} trains other factors {delay} round(s) later, so a late update would arrive in a "
-                "round that averages the other factor; use a straggler_delay after which it trains the same ones")
+                "round that averages the other factor; choose a straggler_delay after which it trains the same "
+                "ones (rolora: an even one)")
     if rule(method, config.lora_r) == FACTORS and config.client_ranks not in (None, []):
         return f"{config.method} re-bases a late update factor by factor, which needs every client at lora_r"
     return None
