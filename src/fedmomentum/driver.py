@@ -202,7 +202,7 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
         aggregating = time.perf_counter()
         updates, bounded = _arrived(setup, state, t, trained.updates, arriving)
         result = (setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
-                  if updates else None)
+                  if updates or not config.straggler_rate else None)  # no straggler, no update: the method refuses
         aggregation_seconds = time.perf_counter() - aggregating
         clients, weights = [u.factors for u in updates], setup.method.client_weights(updates) if updates else []
     measured = None
@@ -271,7 +271,7 @@ def _streamed_round(setup: Setup, engine: Engine, state: ServerState, t: int, lr
     for pending in arriving:
         fold(pending.update, pending.start)
     finishing = time.perf_counter()
-    result = accumulator.finish() if folded_count[0] else None
+    result = accumulator.finish() if folded_count[0] or not setup.config.straggler_rate else None
     bounded = {"update_norms": norms, "clip_threshold": None, "clipped": {}, "streamed": True}
     return trained, result, bounded, seconds[0] + time.perf_counter() - finishing
 
