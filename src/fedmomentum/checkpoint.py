@@ -1,6 +1,7 @@
 """Checkpoints: a ``ServerState`` as one safetensors file (``state.py``): the rounds done, the adapter, the adapted
 layers' backbone, the method's state, what the clients keep between rounds, SCAFFOLD's server variate, the
-backbone's whole change and what the momentum measures carry, plus JSON metadata (the config, the seconds spent).
+backbone's whole change, what the momentum measures carry and the stragglers' updates not yet arrived, plus JSON
+metadata (the config, the seconds spent).
 
 Written to a temporary file and renamed over the old one, so a crash never leaves a half-written checkpoint.
 No pickle anywhere: tensors go through safetensors, everything else through JSON metadata.
@@ -19,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from .backbone_change import BackboneChange
 from .momentum import MomentumState
 from .rundir import write_file
-from .state import ServerState
-from .types import LoraPair, LowRank, StateDict
+from .state import Pending, ServerState
+from .types import ClientUpdate, LoraPair, LowRank, StateDict
 
 FORMAT = "fedmomentum/2"
 SLOT = re.compile(r"[A-Za-z0-9_]+")  # a state slot's name: no dots, so that ``slot.layer`` splits once
@@ -41,10 +42,13 @@ def save(path: str | Path, state: ServerState, info: dict) -> None:
         tensors[f"change.L.{name}"] = delta.left
         tensors[f"change.R.{name}"] = delta.right
     tensors.update({f"momentum.{key}": value for key, value in state.momentum.tensors().items()})
+    for index, pending in enumerate(state.pending):  # the factors here, the rest in the metadata
+        tensors.update(_flatten(f"stale.{index}", _pending_tensors(pending)))
     tensors = _own_storage({key: value.detach().cpu().contiguous() for key, value in tensors.items()})
     metadata = {"round": str(state.rounds_done), "info": json.dumps(info), "format": FORMAT,
                 "clients": json.dumps(list(state.clients)), "change": str(state.change is not None),
-                "momentum": json.dumps(state.momentum.info())}
+                "momentum": json.dumps(state.momentum.info()),
+                "stale": json.dumps([_pending_info(pending) for pending in state.pending])}
     write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -64,6 +68,7 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         ids = json.loads(metadata.get("clients", "[]"))
         tracked = metadata.get("change") == "True"
         momentum_info = json.loads(metadata.get("momentum", "null"))
+        stale = json.loads(metadata.get("stale", "[]"))  # a checkpoint written before stragglers holds none
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError("the client ids are not a list of names")
         if rounds < 0 or not isinstance(info, dict):
@@ -94,6 +99,8 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         if not index.isdigit() or int(index) >= len(ids) or not SLOT.fullmatch(slot) or not name:
             raise ValueError(f"corrupt checkpoint {path}: bad client tensor name 'client.{key}'")
         clients.setdefault(ids[int(index)], {}).setdefault(slot, {})[name] = tensors[f"client.{key}"]
+    pending = tuple(_pending(index, info_, _unflatten(tensors, f"stale.{index}", path), path)
+                    for index, info_ in enumerate(stale if isinstance(stale, list) else [None]))
     state = ServerState(
         rounds_done=rounds,
         lora=lora,
@@ -103,8 +110,43 @@ def load(path: str | Path) -> tuple[ServerState, dict]:
         backbone={k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
         change=change,
         momentum=momentum,
+        pending=pending,
     )
     return state, info
+
+
+PENDING_SLOTS = ("A", "B", "start_A", "start_B")
+PENDING_INFO = {"client_id": str, "num_examples": int, "scaling": (float, type(None)), "trained_in": int,
+                "arrives": int}
+
+
+def _pending_tensors(pending: Pending) -> StateDict:
+    """A pending update's factors and start as state slots (``slot → layer → tensor``)."""
+    trained, start = pending.update.factors, pending.start
+    return {"A": {n: p.A for n, p in trained.items()}, "B": {n: p.B for n, p in trained.items()},
+            "start_A": {n: p.A for n, p in start.items()}, "start_B": {n: p.B for n, p in start.items()}}
+
+
+def _pending_info(pending: Pending) -> dict:
+    update = pending.update
+    return {"client_id": update.client_id, "num_examples": int(update.num_examples),
+            "scaling": None if update.scaling is None else float(update.scaling), "trained_in": pending.trained_in,
+            "arrives": pending.arrives}
+
+
+def _pending(index: int, info, slots: StateDict, path: Path) -> Pending:
+    """The ``index``-th pending update from its metadata ``info`` and its tensors ``slots``; anything missing or of
+    the wrong kind is a ``ValueError`` naming the file."""
+    if not isinstance(info, dict) or set(info) != set(PENDING_INFO) or \
+            not all(isinstance(info[k], kind) and not isinstance(info[k], bool) for k, kind in PENDING_INFO.items()):
+        raise ValueError(f"corrupt checkpoint {path}: pending update {index} has bad metadata {info!r}")
+    layers = set(slots.get("A", {}))
+    if set(slots) != set(PENDING_SLOTS) or not layers or any(set(slots[s]) != layers for s in PENDING_SLOTS):
+        raise ValueError(f"corrupt checkpoint {path}: pending update {index} lacks some of its factors")
+    update = ClientUpdate({n: LoraPair(slots["A"][n], slots["B"][n]) for n in sorted(layers)}, info["num_examples"],
+                          info["client_id"], info["scaling"])
+    start = {n: LoraPair(slots["start_A"][n], slots["start_B"][n]) for n in sorted(layers)}
+    return Pending(update, start, info["trained_in"], info["arrives"])
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

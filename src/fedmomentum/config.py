@@ -3,7 +3,7 @@
 Each key is declared once (``keys.key``): its type (allowed values as ``Literal``), default, meaning and range, which
 ``fedmomentum keys`` lists. Every value from a file or the command line is converted to its key's type (``coerce``)
 or refused in one line naming the key; ``validate`` checks types, ranges and the keys that depend on each other.
-Nothing here imports torch, unless the config asks for a CUDA device or per-client ranks.
+Nothing here imports torch, unless the config asks for a CUDA device, per-client ranks or stragglers.
 """
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ class RunConfig(TrainConfig):
     rounds: int = key(10, "federated rounds", at_least(1), may_change=True)
     clients: int = key(8, "number of clients (follows client_data when that is set)", at_least(1))
     clients_per_round: int | None = key(None, "clients sampled per round (none: 4, or every client when fewer)")
+    straggler_rate: float = key(0.0, "chance that a sampled client is a straggler: its update arrives "
+                                     "straggler_delay rounds late (simulation only; docs/methods.md#stragglers)",
+                                between(0, 1, open_high=True))
+    straggler_delay: int = key(1, "rounds a straggler's update arrives late (it is busy in between)", at_least(1))
     partition: Partition = key("dirichlet", "how the pooled examples are split across clients")
     alpha: float = key(0.5, "Dirichlet concentration of the non-IID split (lower: more skewed)", above(0))
     # data
@@ -202,6 +206,12 @@ class RunConfig(TrainConfig):
             if self.scaffold and set(schedule.client_ranks(self)) != {self.lora_r}:
                 raise ValueError("bad config: scaffold keeps one control variate per factor of the global adapter: "
                                  "every client needs lora_r (no client_ranks)")
+        if self.straggler_rate > 0:  # which methods can take a late update (imports torch)
+            from . import stragglers
+
+            refused = stragglers.refusal(self, methods.create(self.method, **self.method_options))
+            if refused:
+                raise ValueError(f"bad config: straggler_rate > 0, but {refused}")
 
 
 def default_out(config: RunConfig) -> RunConfig:

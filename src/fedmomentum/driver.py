@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, corrections, plots, report, robust, rundir
+from . import checkpoint, corrections, plots, report, robust, rundir, stragglers
 from .backbone_change import BackboneChange, whole_change
 from .build import Setup
-from .config import MAY_CHANGE_ON_RESUME, differences
+from .config import MAY_CHANGE_ON_RESUME, RunConfig, differences
 from .evaluate import evaluate
 from .models import DEFAULT_MODEL_ID, resolve_dtype
 from .momentum import measure
@@ -39,7 +39,7 @@ from .peft_io import (
 )
 from .records import Records
 from .schedule import round_lr
-from .state import ServerState
+from .state import Pending, ServerState
 from .types import Aggregate, ClientUpdate, LoraPair
 
 CHECKPOINT = rundir.CHECKPOINT
@@ -48,11 +48,14 @@ FOR_ORIGINAL_BASE = "adapter_for_original_base"
 
 @dataclass
 class ClientRound:
-    """What an engine returns for one round: the usable updates (sorted by client) and what it measured."""
+    """What an engine returns for one round: the usable updates (sorted by client) and what it measured; with
+    stragglers, also the updates that arrive in a later round and how many sampled clients were busy."""
 
     updates: list[ClientUpdate]
-    losses: list[float]  # each update's mean training loss
+    losses: list[float]  # the mean training loss of each client trained: the updates', then the late ones'
     record: dict = field(default_factory=dict)  # extra fields for the round's metrics.jsonl line
+    late: list[ClientUpdate] = field(default_factory=list)  # stragglers' updates, aggregated straggler_delay later
+    busy: int = 0  # sampled clients still busy with a late update of an earlier round (not trained)
 
 
 class Engine:
@@ -77,7 +80,8 @@ class Engine:
     progress_bar = True  # a tqdm bar over rounds (else only the per-round lines)
     # what the engine can do beyond plain rounds (``check_engine``): "start" (pass a method's change before round 1,
     # ``Method.start``, on to the clients), "client_state" (clients keep factors between rounds, ``Method.local``),
-    # "client_ranks" (clients of other LoRA ranks), "stream" (fold each update as it arrives, see ``train_round``)
+    # "client_ranks" (clients of other LoRA ranks), "stream" (fold each update as it arrives, see ``train_round``),
+    # "stragglers" (``straggler_rate``: return stragglers' updates in ``ClientRound.late``, skip busy clients)
     features: frozenset[str] = frozenset()
 
     def train_round(self, t: int, state: ServerState, trainable: dict[str, bool], lr: float) -> ClientRound:
@@ -181,36 +185,50 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     clipped with ``clip``), aggregate, apply the result to the server's model and evaluate when due; returns the
     next state, the aggregate and the round's record. A round that ``streams`` folds each update into the
     aggregate as the engine hands it over (an engine with the ``stream`` feature, as each client finishes; any
-    other, after the round) and drops it; it records no ``noise_share`` (that needs every update at once)."""
+    other, after the round) and drops it; it records no ``noise_share`` (that needs every update at once).
+
+    With stragglers (``straggler_rate``), the late updates due in round ``t`` (``ServerState.pending``) are bounded
+    against where they started, re-based onto the current global adapter (``stragglers``) and aggregated with the
+    fresh ones; the engine's late updates of this round wait in the next state. A round with no update at all
+    (every sampled client busy or late, none arriving) keeps the global adapter and the method's state."""
     config, started = setup.config, time.perf_counter()
     lr = round_lr(config.lr, config.lr_schedule, t, config.rounds)
+    arriving = [pending for pending in state.pending if pending.arrives == t]
     if streams(setup, t):
-        trained, result, bounded, aggregation_seconds = _streamed_round(setup, engine, state, t, lr)
+        trained, result, bounded, aggregation_seconds = _streamed_round(setup, engine, state, t, lr, arriving)
         clients, weights = [], []
     else:
         trained = engine.train_round(t, state, setup.method.trainable(t), lr)
         aggregating = time.perf_counter()
-        updates, bounded = robust.bound_updates(setup.method, state.lora, state.clients, trained.updates,
-                                                scaling=setup.scaling, t=t, clip=config.clip, k=config.clip_k,
-                                                method_state=state.method)
-        result = setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
+        updates, bounded = _arrived(setup, state, t, trained.updates, arriving)
+        result = (setup.method.aggregate(state.lora, updates, scaling=setup.scaling, t=t, state=state.method)
+                  if updates or not config.straggler_rate else None)  # no straggler, no update: the method refuses
         aggregation_seconds = time.perf_counter() - aggregating
-        clients, weights = [u.factors for u in updates], setup.method.client_weights(updates)
-    measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,
-                                 clients, weights)
-    for name, layer in measured.layers.items():
-        result.stats["layers"][name].update(layer)
-    state = replace(advance(setup, state, result, trained.updates, t), momentum=momentum)
+        clients, weights = [u.factors for u in updates], setup.method.client_weights(updates) if updates else []
+    measured = None
+    if result is None:
+        result, momentum = unchanged(state, t), state.momentum
+    else:
+        _late_uplink(setup.method, result.stats, arriving)
+        measured, momentum = measure(state.momentum, state.lora, result.lora, result.backbone, setup.scaling,
+                                     clients, weights)
+        for name, layer in measured.layers.items():
+            result.stats["layers"][name].update(layer)
+    state = replace(advance(setup, state, result, trained.updates, t), momentum=momentum,
+                    pending=waiting(setup, state, trained.late, t))
     record = {
         "round": t,
         "method": config.method,
-        "client_ids": [u.client_id for u in trained.updates],
+        "client_ids": [u.client_id for u in trained.updates] + [pending.update.client_id for pending in arriving],
         "lr": lr,
-        "train_loss": sum(trained.losses) / len(trained.losses),
+        "train_loss": sum(trained.losses) / len(trained.losses) if trained.losses else None,
         **{k: v for k, v in result.stats.items() if k not in ("layers", "round", "method")},
         "aggregation_seconds": aggregation_seconds,
-        **measured.record(),
+        **(measured.record() if measured is not None else {}),
         **bounded,
+        "fresh_updates": len(trained.updates),
+        "stale_updates": len(arriving),
+        "busy_clients": trained.busy,
         **trained.record,
     }
     if t % config.eval_every == 0 or t == config.rounds:
@@ -222,21 +240,26 @@ def run_round(setup: Setup, engine: Engine, state: ServerState, t: int) -> tuple
     return state, result, record
 
 
-def _streamed_round(setup: Setup, engine: Engine, state: ServerState, t: int,
-                    lr: float) -> tuple[ClientRound, Aggregate, dict, float]:
-    """A round that streams (see ``run_round``): the engine's round, its aggregate, the record of the updates'
-    norms (``robust``, without clipping) and the seconds spent folding and finishing."""
+def _streamed_round(setup: Setup, engine: Engine, state: ServerState, t: int, lr: float,
+                    arriving: list[Pending]) -> tuple[ClientRound, Aggregate | None, dict, float]:
+    """A round that streams (see ``run_round``): the engine's round, its aggregate (None when no update came), the
+    record of the updates' norms (``robust``, without clipping) and the seconds spent folding and finishing. The
+    late updates due in round ``t`` (``arriving``) are folded after the fresh ones, re-based."""
     method = setup.method
     accumulator = method.open_round(state.lora, scaling=setup.scaling, t=t, state=state.method)
     norms: dict[str, float] = {}
-    seconds = [0.0]
+    seconds, folded_count = [0.0], [0]
+    how = stragglers.rule(method, setup.config.lora_r)
 
-    def fold(update: ClientUpdate) -> None:
+    def fold(update: ClientUpdate, start: dict[str, LoraPair] | None = None) -> None:
         folding = time.perf_counter()
         _, record = robust.bound_updates(method, state.lora, state.clients, [update], scaling=setup.scaling, t=t,
-                                         clip="none", method_state=state.method)
+                                         clip="none", method_state=state.method, starts=[start])
+        if start is not None:  # a late update: its norm is of its own change, then it is re-based
+            update = stragglers.rebase_update(update, start, state.lora, how, setup.scaling)
         accumulator.fold(update)
         norms.update(record["update_norms"])
+        folded_count[0] += 1
         seconds[0] += time.perf_counter() - folding
 
     if "stream" in engine.features:
@@ -245,10 +268,62 @@ def _streamed_round(setup: Setup, engine: Engine, state: ServerState, t: int,
         trained = engine.train_round(t, state, method.trainable(t), lr)
         for update in trained.updates:
             fold(update)
+    for pending in arriving:
+        fold(pending.update, pending.start)
     finishing = time.perf_counter()
-    result = accumulator.finish()
+    result = accumulator.finish() if folded_count[0] or not setup.config.straggler_rate else None
     bounded = {"update_norms": norms, "clip_threshold": None, "clipped": {}, "streamed": True}
     return trained, result, bounded, seconds[0] + time.perf_counter() - finishing
+
+
+def _arrived(setup: Setup, state: ServerState, t: int, fresh: list[ClientUpdate],
+             arriving: list[Pending]) -> tuple[list[ClientUpdate], dict]:
+    """Round ``t``'s updates to aggregate and the record of their norms: the fresh ones, then the late ones due now,
+    each bounded (``robust.bound_updates``, clipped with ``clip``) against where it started, so a late update's
+    norm is of its own change; the late ones are then re-based onto the current global adapter (``stragglers``)."""
+    config, method = setup.config, setup.method
+    updates, bounded = robust.bound_updates(method, state.lora, state.clients,
+                                            fresh + [pending.update for pending in arriving], scaling=setup.scaling,
+                                            t=t, clip=config.clip, k=config.clip_k, method_state=state.method,
+                                            starts=[None] * len(fresh) + [pending.start for pending in arriving])
+    how = stragglers.rule(method, config.lora_r)
+    late = [stragglers.rebase_update(update, pending.start, state.lora, how, setup.scaling)
+            for update, pending in zip(updates[len(fresh):], arriving, strict=True)]
+    return updates[:len(fresh)] + late, bounded
+
+
+def _late_uplink(method, stats: dict, arriving: list[Pending]) -> None:
+    """A late update's uplink is what the client sent, its own factors in the round it trained, not the re-based
+    ones the method counted; the round's mean follows."""
+    if not arriving:
+        return
+    per_client = stats["uplink_bytes_per_client"]
+    for pending in arriving:
+        per_client[pending.update.client_id] = method.uplink_bytes(pending.update, pending.trained_in)
+    stats["uplink_bytes"] = sum(per_client.values()) / len(per_client)
+
+
+def unchanged(state: ServerState, t: int) -> Aggregate:
+    """Round ``t``'s result when no update arrived: the global adapter and the method's state as they were."""
+    stats = {"round": t, "clients": 0, "rank_kept": max(pair.rank for pair in state.lora.values()),
+             "residual_rank": 0, "energy_dropped": 0.0, "noise_norm": None, "uplink_bytes": 0, "downlink_bytes": 0,
+             "uplink_bytes_per_client": {}, "layers": {}}
+    return Aggregate(state.lora, {}, stats, state.method)  # type: ignore[arg-type]
+
+
+def waiting(setup: Setup, state: ServerState, late: list[ClientUpdate], t: int) -> tuple[Pending, ...]:
+    """The late updates still to arrive after round ``t``: those of ``state`` not due in ``t``, then round ``t``'s
+    stragglers (``late``), each with the adapter it trained from (``state``'s, at the client's rank) and its id
+    marked with its round (``client-3@2``), as the same client may also train fresh in the round it arrives."""
+    method, config = setup.method, setup.config
+    first = next(iter(state.lora))
+    new = tuple(Pending(replace(update, client_id=f"{update.client_id}@{t}", keep={}),
+                        robust.client_start(method, state.lora, rank=update.factors[first].rank,
+                                            client_scaling=update.scaling, scaling=setup.scaling, t=t,
+                                            own=state.clients.get(update.client_id), method_state=state.method),
+                        trained_in=t, arrives=t + config.straggler_delay)
+                for update in late)
+    return tuple(pending for pending in state.pending if pending.arrives != t) + new
 
 
 def folded(update: ClientUpdate) -> ClientUpdate:
@@ -291,6 +366,8 @@ def restore(setup: Setup, out: Path) -> tuple[ServerState, float]:
     """The state in the checkpoint in ``out``, loaded into the server's model, and the seconds the run has taken."""
     state, info = checkpoint.load(out / CHECKPOINT)
     saved = info.get("config")
+    if isinstance(saved, dict):  # keys added to RunConfig since the checkpoint was written read as their defaults
+        saved = {**comparable(RunConfig()), **saved}
     changed = differences(saved, comparable(setup.config)) if isinstance(saved, dict) else ["its config is missing"]
     if changed:
         raise ValueError(f"{out / CHECKPOINT} was written by a different config: {', '.join(changed)}; "
@@ -340,6 +417,8 @@ def check_engine(setup: Setup, engine: Engine) -> None:
                          f"{config.method}'s clients keep their own {', '.join(method.local)} between rounds"
                          if method.local else "scaffold's clients keep their control variates between rounds"),
         "client_ranks": (config.client_ranks not in (None, []), "client_ranks gives clients their own LoRA ranks"),
+        "stragglers": (config.straggler_rate > 0, "straggler_rate > 0 simulates updates that arrive rounds late "
+                                                  "(use the in-process simulation)"),
     }
     for feature, (needed, why) in needs.items():
         if needed and feature not in engine.features:

@@ -8,7 +8,13 @@ from .plots import plot_compare, plot_curves  # noqa: F401  (the driver and the 
 
 
 def round_line(record: dict) -> str:
-    parts = [f"round {record['round']:>3}", f"train_loss {record['train_loss']:.4f}"]
+    loss = record.get("train_loss")
+    parts = [f"round {record['round']:>3}", "no client trained" if loss is None else f"train_loss {loss:.4f}"]
+    if record.get("stragglers") is not None:  # a run with stragglers (straggler_rate)
+        parts.append(f"updates {record['fresh_updates']} fresh + {record['stale_updates']} late, "
+                     f"{record['stragglers']} straggling, {record['busy_clients']} busy")
+    if record.get("clients") == 0:
+        parts.append("no update arrived: the global adapter stays")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
     if "accuracy" in record:

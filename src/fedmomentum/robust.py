@@ -129,21 +129,27 @@ def client_start(method, global_lora: dict[str, LoraPair], *, rank: int, client_
 
 def bound_updates(method, global_lora: dict[str, LoraPair], kept: dict[str, StateDict], updates: list[ClientUpdate],
                   *, scaling: float, t: int, clip: str = "median", k: float = 2.0,
-                  method_state: StateDict | None = None) -> tuple[list[ClientUpdate], dict]:
+                  method_state: StateDict | None = None,
+                  starts: list[dict[str, LoraPair] | None] | None = None) -> tuple[list[ClientUpdate], dict]:
     """Each update's norm and, with ``clip="median"``, the updates beyond ``k ×`` the median norm clipped to it.
 
     ``kept`` is what each client kept between rounds (``ServerState.clients``), ``method_state`` the method's state
-    (``ServerState.method``: where FlexLoRA starts a client above the global rank). Returns the updates to aggregate
-    (the others unchanged; a clipped one keeps its ``keep``) and the round's record: ``update_norms`` (client →
-    ``‖u_i‖``), ``clip_threshold`` (``τ``, or None without clipping) and ``clipped`` (client → ``c``).
+    (``ServerState.method``: where FlexLoRA starts a client above the global rank). ``starts``: where each update
+    started, where the server knows it (a straggler's: the adapter of the round it trained in), None for a client
+    that started this round (``client_start``); a clipped update is mixed with its own start. Returns the updates
+    to aggregate (the others unchanged; a clipped one keeps its ``keep``) and the round's record: ``update_norms``
+    (client → ``‖u_i‖``), ``clip_threshold`` (``τ``, or None without clipping) and ``clipped`` (client → ``c``).
     """
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
     if not updates:
         return updates, {"update_norms": {}, "clip_threshold": None, "clipped": {}}
     first = next(iter(global_lora))
-    starts = [client_start(method, global_lora, rank=u.factors[first].rank, client_scaling=u.scaling, scaling=scaling,
-                           t=t, own=kept.get(u.client_id), method_state=method_state) for u in updates]
+    known = starts or [None] * len(updates)
+    starts = [start if start is not None else
+              client_start(method, global_lora, rank=u.factors[first].rank, client_scaling=u.scaling, scaling=scaling,
+                           t=t, own=kept.get(u.client_id), method_state=method_state)
+              for u, start in zip(updates, known, strict=True)]
     scalings = [scaling if u.scaling is None else float(u.scaling) for u in updates]
     norms = [update_norm(start, u.factors, s) for start, u, s in zip(starts, updates, scalings, strict=True)]
     names = [u.client_id or str(i) for i, u in enumerate(updates)]

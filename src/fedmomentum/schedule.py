@@ -1,4 +1,5 @@
-"""What each round asks of whom: the sampled clients, each client's seed, and the learning rate.
+"""What each round asks of whom: the sampled clients (and, with stragglers, who is late or busy), each client's
+seed, and the learning rate.
 
 Pure functions of the config and the round ``t`` (1-based), so the simulation and every Flower node agree without
 talking. Seeds use ``t − 1``, the numbering of earlier versions, so that their runs are reproduced exactly.
@@ -6,7 +7,9 @@ talking. Seeds use ``t − 1``, the numbering of earlier versions, so that their
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +22,48 @@ def sample_clients(config: RunConfig, t: int) -> list[int]:
     """The clients of round ``t``: a seeded sample of ``clients_per_round``, the same for every method."""
     generator = torch.Generator().manual_seed(config.seed * 100_003 + t - 1)
     return sorted(torch.randperm(config.clients, generator=generator)[: config.clients_per_round].tolist())
+
+
+def straggler_draws(config: RunConfig, t: int) -> torch.Tensor:
+    """Round ``t``'s uniform draw in [0, 1) for each client: a client that trains in round ``t`` is a straggler
+    when its draw is below ``straggler_rate``. Seeded by a hash of ``(seed, t)``, apart from ``sample_clients``'
+    generator, so which clients are sampled and which of them straggle are independent draws."""
+    digest = hashlib.sha256(f"stragglers/{config.seed}/{t}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.rand(config.clients, generator=generator, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Participation:
+    """What round ``t``'s sampled clients do (each sampled client is in exactly one list, all sorted)."""
+
+    fresh: list[int]  # train from round t's global adapter; aggregated in round t
+    late: list[int]  # stragglers: train from round t's global adapter; aggregated in round t + straggler_delay
+    dropped: list[int]  # stragglers whose update would arrive after the last round: they do not train
+    busy: list[int]  # still training a late update of an earlier round: they do not train this round
+
+
+def participation(config: RunConfig, t: int) -> Participation:
+    """Who of round ``t``'s sample trains, and whose update arrives when (``straggler_rate``,
+    ``straggler_delay`` = k). A straggler of round u is busy in rounds u + 1 … u + k − 1 and its update arrives in
+    round u + k. Busy clients do not train, so they cannot straggle: the rounds are walked from round 1 (a pure
+    function of the config and ``t``, so a resumed run and every process agree). Without stragglers this is
+    ``sample_clients``, untouched."""
+    sampled = sample_clients(config, t)
+    if config.straggler_rate == 0:
+        return Participation(sampled, [], [], [])
+    free_from: dict[int, int] = {}  # client → the round its late update arrives (it is free again then)
+    for u in range(1, t + 1):
+        sampled = sample_clients(config, u)
+        busy = [c for c in sampled if u < free_from.get(c, 0)]
+        draws = straggler_draws(config, u).tolist()
+        stragglers = [c for c in sampled if c not in busy and draws[c] < config.straggler_rate]
+        for client in stragglers:
+            free_from[client] = u + config.straggler_delay
+    arrives_in_time = t + config.straggler_delay <= config.rounds
+    return Participation(fresh=[c for c in sampled if c not in busy and c not in stragglers],
+                         late=stragglers if arrives_in_time else [], dropped=[] if arrives_in_time else stragglers,
+                         busy=busy)
 
 
 RANK_RULES = ("cycle", "random")

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 
 from .backbone_change import BackboneChange
 from .momentum import MomentumState
-from .types import LoraPair, StateDict, Tensor
+from .types import ClientUpdate, LoraPair, StateDict, Tensor
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A straggler's update, waiting for the round it arrives in (``stragglers.py`` re-bases it then)."""
+
+    update: ClientUpdate  # as the client trained it (its own rank and scaling; its id is ``client@round``)
+    start: dict[str, LoraPair]  # the adapter it trained from (the global one of ``trained_in``, at its rank)
+    trained_in: int  # the round it trained in
+    arrives: int  # the round it is aggregated in
 
 
 @dataclass(frozen=True)
@@ -34,3 +44,4 @@ class ServerState:
     backbone: dict[str, Tensor] = field(default_factory=dict)
     change: BackboneChange | None = None  # the backbone's whole change since the original base (None: not tracked)
     momentum: MomentumState = field(default_factory=MomentumState)  # what the momentum measures carry (momentum.py)
+    pending: tuple[Pending, ...] = ()  # stragglers' updates not yet arrived, in the order they trained
