@@ -504,6 +504,28 @@ def test_a_run_another_live_process_holds_is_skipped(tmp_path):
         study, summaries, [])
 
 
+def test_a_run_another_process_finishes_meanwhile_is_read_back_at_the_end(tmp_path):
+    """Two processes share a grid: the one that ends last reports every run, the other's too, in grid order."""
+    study = study_io.load(write(tmp_path, '[base]\n[grid]\nmethod = ["fedit"]\nseed = [0, 1]\n'))
+    elsewhere = tmp_path / "elsewhere"
+    study_io.execute(study, elsewhere, log=lambda _: None)
+    out = tmp_path / "out"
+    busy = study_io.run_folder(out, study.cells[0], 0)
+    busy.parent.mkdir(parents=True)
+    busy.with_name("seed-0.lock").write_text(str(os.getppid()))  # our parent: alive while we run
+    lines = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.endswith("seed 0: running in another process, skipped"):  # ... which then finishes it
+            shutil.copytree(study_io.run_folder(elsewhere, study.cells[0], 0), busy)
+
+    results = study_io.execute(study, out, log=log)
+    assert [r.seed for r in results] == [0, 1] and [r.redone for r in results] == [False, True]
+    assert results[0].summary == json.loads((busy / "summary.json").read_text())
+    assert lines[-1] == "[1/2] default seed 0: finished in another process, read back"
+
+
 # --- committed studies: study.md recomputed from the runs' files ----------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -107,13 +107,14 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
     """Run every cell × seed that is not finished in ``out`` (each in ``folder(cell, seed)``, default
     ``run_folder``); a failed run is reported and the grid goes on.
 
-    A run that another live process is running (the same study started twice) is skipped and left out of the
-    results; run the study again once both have finished for the complete tables.
+    A run that another live process is running (the same study started twice) is skipped; if it has finished by
+    the end of the grid it is read back, so the process that ends last holds every run.
     """
     out = Path(out)
     where = folder or (lambda cell, seed: run_folder(out, cell, seed))
     models: dict[tuple, tuple] = {}  # (model, device) → the loaded base model, copied for every run
     results: list[RunResult] = []
+    skipped: list[tuple[int, RunResult, RunConfig]] = []  # (position in the grid, run, its config)
     runs = study.runs()
     started = time.perf_counter()
     for index, (cell, seed) in enumerate(runs, 1):
@@ -124,6 +125,7 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
             if state(result.folder, config) != "done":
                 if not claim(result.folder):
                     log(f"{label}: running in another process, skipped")
+                    skipped.append((index, result, config))
                     continue
                 try:
                     status = state(result.folder, config)  # again: it may have finished before we claimed it
@@ -138,13 +140,23 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
                     release(result.folder)
             else:
                 log(f"{label}: already finished, read back")
-            result.summary = json.loads((result.folder / "summary.json").read_text(encoding="utf-8"))
-            result.rows = read_metrics(result.folder)
+            _read_back(result)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - one failed run must not stop the grid
             result.error = f"{type(error).__name__}: {error}".splitlines()[0]
             log(f"{label}: FAILED: {result.error}")
         results.append(result)
-    return results
+    for index, result, config in skipped:
+        if state(result.folder, config) == "done":
+            log(f"[{index}/{len(runs)}] {result.cell.label} seed {result.seed}: finished in another process, read back")
+            results.append(_read_back(result))
+    return sorted(results, key=lambda r: runs.index((r.cell, r.seed)))
+
+
+def _read_back(result: RunResult) -> RunResult:
+    """``result`` with its finished run's summary and metrics, read from its folder."""
+    result.summary = json.loads((result.folder / "summary.json").read_text(encoding="utf-8"))
+    result.rows = read_metrics(result.folder)
+    return result
 
 
 def _train(config: RunConfig, resume: bool, models: dict, verbose: bool) -> float:
