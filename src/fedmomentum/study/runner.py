@@ -146,9 +146,13 @@ def execute(study: Study, out: str | Path, log: Callable[[str], None] = print,
             log(f"{label}: FAILED: {result.error}")
         results.append(result)
     for index, result, config in skipped:
-        if state(result.folder, config) == "done":
-            log(f"[{index}/{len(runs)}] {result.cell.label} seed {result.seed}: finished in another process, read back")
-            results.append(_read_back(result))
+        label = f"[{index}/{len(runs)}] {result.cell.label} seed {result.seed}"
+        try:
+            if state(result.folder, config) == "done":
+                log(f"{label}: finished in another process, read back")
+                results.append(_read_back(result))
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - the tables of the other runs still get written
+            log(f"{label}: finished in another process, but unreadable: {error}".splitlines()[0])
     return sorted(results, key=lambda r: runs.index((r.cell, r.seed)))
 
 
