@@ -624,3 +624,13 @@ def test_read_back_checks_the_numbers_it_uses(tmp_path, change, message):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=message):
         study_io.read_back(study, folder)
+
+
+def test_the_reading_of_a_clear_difference_says_which_way_is_better():
+    """A loss below the baseline's is better, an accuracy below it worse; an interval holding 0 is no difference."""
+    below, above, around = (study_io.summary.Interval(mean, 0.01, 0.02, 3) for mean in (-0.05, 0.05, 0.0))
+    reading = study_io.tables._reading
+    assert [reading(s, lower_is_better=True) for s in (below, above, around)] == [
+        "lower (better)", "higher (worse)", "no clear difference"]
+    assert [reading(s, lower_is_better=False) for s in (below, above, around)] == [
+        "lower (worse)", "higher (better)", "no clear difference"]

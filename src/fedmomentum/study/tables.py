@@ -40,7 +40,7 @@ def _reading(stat, lower_is_better: bool) -> str:
     if stat.low > 0:
         return "higher (worse)" if lower_is_better else "higher (better)"
     if stat.high < 0:
-        return "lower (worse)" if lower_is_better else "lower (better)"
+        return "lower (better)" if lower_is_better else "lower (worse)"
     return "no clear difference"
 
 
