@@ -560,7 +560,8 @@ def read_csv(path: Path) -> list[dict]:
 def test_a_committed_study_is_recomputed_from_its_runs_files(folder, tmp_path):
     study = study_io.load(spec_of(folder))
     results = study_io.read_back(study, folder)
-    assert len(results) == len(study.runs())  # every run's files are there
+    assert results  # a study part way through lists its missing runs in study.md, so the text below differs
+    # if a run's files were left out of the repository after study.md was written
     study_io.write(study, results, tmp_path, draw=any(folder.glob("*.png")))
     assert (tmp_path / "study.md").read_text(encoding="utf-8") == (folder / "study.md").read_text(encoding="utf-8")
     for name in ("study.csv", "runs.csv"):  # full-precision numbers: equal up to the last digits of scipy's t and nct
